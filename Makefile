@@ -1,0 +1,43 @@
+# Quickstart targets: each creates and fills its own virtualenv, so on a fresh Debian
+# machine with Python 3.11 `make demo` and `make test` are all a newcomer needs.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint unit integration bench soak regen clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test,fast]'
+	touch $(STAMP)
+
+# promtool and a real Prometheus server come from Debian's prometheus package.
+prometheus-bin:
+	@command -v promtool >/dev/null && command -v prometheus >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq prometheus >/dev/null; }
+
+demo: $(STAMP)
+	$(VENV)/bin/step-runner-exporter demo
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy exporter tests
+
+unit: $(STAMP)
+	$(PY) -m pytest -q tests/unit
+
+integration: $(STAMP) prometheus-bin
+	$(PY) -m pytest -q tests/integration
+
+test: $(STAMP) prometheus-bin lint
+	$(PY) -m pytest -q -p no:cacheprovider tests
+
+regen: $(STAMP)
+	$(PY) -m exporter.proto.regenerate
+
+clean:
+	rm -rf $(VENV) build *.egg-info
