@@ -1,0 +1,120 @@
+"""Command line (SPEC section 6): serve, demo, check-config."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from . import __version__
+from .config import ConfigError, load_config
+from .logs import setup_logging
+
+# Flags that override a key of the config file.
+_OVERRIDES = {
+    "listen": "listen",
+    "upstream": "upstream",
+    "web_listen_address": "web.listen_address",
+    "web_config_file": "web.config_file",
+    "log_level": "log.level",
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="step-runner-exporter",
+        description="Byte-transparent sidecar on GitLab step-runner's socket that classifies "
+        "every job's outcome and exports Prometheus metrics.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the sidecar")
+    serve.add_argument("--config.file", dest="config_file", type=Path, help="YAML config file")
+    serve.add_argument("--listen", help="where clients dial: unix:///abs/path.sock or HOST:PORT")
+    serve.add_argument(
+        "--upstream", help="step-runner's socket: unix:///abs/path.sock or HOST:PORT"
+    )
+    serve.add_argument(
+        "--web.listen-address", dest="web_listen_address", help="HOST:PORT of /metrics"
+    )
+    serve.add_argument(
+        "--web.config.file", dest="web_config_file", help="exporter-toolkit web config (TLS, auth)"
+    )
+    serve.add_argument("--log.level", dest="log_level", help="debug, info, warning or error")
+
+    check = sub.add_parser("check-config", help="validate a config file and exit")
+    check.add_argument("--config.file", dest="config_file", type=Path, required=True)
+
+    demo = sub.add_parser("demo", help="simulated step-runner + sidecar + simulated runner")
+    demo.add_argument("--jobs", type=int, default=0, help="stop after N jobs (0: run until Ctrl-C)")
+    demo.add_argument("--concurrency", type=int, default=8)
+    demo.add_argument(
+        "--web.listen-address", dest="web_listen_address", default="127.0.0.1:9854",
+        help="HOST:PORT of /metrics (default 127.0.0.1:9854)",
+    )  # fmt: skip
+    demo.add_argument("--seed", type=int, default=None)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "check-config":
+        return _check_config(args.config_file)
+    if args.command == "serve":
+        return _serve(args)
+    from .demo import run_demo
+
+    return run_demo(
+        jobs=args.jobs,
+        concurrency=args.concurrency,
+        web_listen_address=args.web_listen_address,
+        seed=args.seed,
+    )
+
+
+def _check_config(path: Path) -> int:
+    try:
+        load_config(path)
+    except ConfigError as exc:
+        print(f"{path}: invalid configuration:\n{exc}", file=sys.stderr)
+        return 1
+    print(f"{path}: OK")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    overrides = {
+        key: getattr(args, attr)
+        for attr, key in _OVERRIDES.items()
+        if getattr(args, attr) is not None
+    }
+    try:
+        config = load_config(args.config_file, overrides)
+    except ConfigError as exc:
+        print(f"invalid configuration:\n{exc}", file=sys.stderr)
+        return 2
+    setup_logging(config.log.level, config.log.format)
+    from .app import Sidecar
+    from .splice import ListenError
+
+    try:
+        import uvloop
+    except ImportError:  # optional: the stdlib loop works, only slower
+        runner = asyncio.run
+    else:
+        runner = uvloop.run
+    try:
+        runner(Sidecar(config).run())
+    except ListenError as exc:
+        print(f"step-runner-exporter: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

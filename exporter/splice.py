@@ -1,0 +1,426 @@
+"""The byte splice: accept client connections, open one upstream connection for
+each, and copy bytes unchanged both ways with backpressure and half-closes.
+
+It knows nothing of HTTP/2 or gRPC. A `Tap` per connection gets a copy of each
+direction after the bytes were handed to the other side, so observing can never
+delay, reorder or alter forwarding; a tap that raises is disabled, never the
+connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+log = logging.getLogger("exporter.splice")
+
+# Client bytes read while the upstream connection is still being opened; beyond
+# this, reading from the client pauses until the upstream is there.
+_CONNECT_BUFFER_LIMIT = 256 * 1024
+
+
+class Tap(Protocol):
+    def client_data(self, data: bytes, now: float) -> None: ...
+
+    def server_data(self, data: bytes, now: float) -> None: ...
+
+    def connection_lost(self, now: float) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """Where to listen or connect: a unix socket path or a TCP host and port."""
+
+    path: str | None = None
+    host: str = ""
+    port: int = 0
+
+    def __str__(self) -> str:
+        if self.path is not None:
+            return f"unix://{self.path}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+class SpliceEvents(Protocol):
+    """What the splice tells its owner (upstream reachability, connection counts)."""
+
+    def upstream_state(self, reachable: bool) -> None: ...
+
+    def connection_rejected(self) -> None: ...
+
+
+class _Side(asyncio.Protocol):
+    """One socket of a spliced pair. Both sides share the `_Pair` that owns them."""
+
+    __slots__ = ("_pair", "_to_client", "transport")
+
+    def __init__(self, pair: _Pair, to_client: bool) -> None:
+        self._pair = pair
+        self._to_client = to_client  # True for the upstream side (its bytes go to the client)
+        self.transport: asyncio.Transport | None = None
+
+    def pause_writing(self) -> None:
+        self._pair.peer_of(self).pause_reading()
+
+    def resume_writing(self) -> None:
+        self._pair.peer_of(self).resume_reading()
+
+    def eof_received(self) -> bool:
+        return self._pair.eof_from(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._pair.lost(self)
+
+
+class _ClientSide(_Side):
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self._pair.client_connected(self)
+
+    def data_received(self, data: bytes) -> None:
+        self._pair.from_client(data)
+
+
+class _UpstreamSide(_Side):
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self._pair.from_upstream(data)
+
+
+class _Pair:
+    """One client connection and its upstream connection."""
+
+    def __init__(self, splice: Splice) -> None:
+        self._splice = splice
+        self._loop = splice.loop
+        self.client = _ClientSide(self, to_client=False)
+        self.upstream = _UpstreamSide(self, to_client=True)
+        self._tap: Tap | None = splice.tap_factory()
+        self._pending: list[bytes] | None = []  # client bytes read before upstream connected
+        self._pending_size = 0
+        self._client_eof_pending = False
+        self._eofs = 0
+        self._closed = False
+        self.done = self._loop.create_future()
+
+    # -- wiring
+    def peer_of(self, side: _Side) -> _PeerHandle:
+        other = self.upstream if side is self.client else self.client
+        return _PeerHandle(other.transport)
+
+    def client_connected(self, side: _ClientSide) -> None:
+        self._splice.connection_opened(self)
+        self._loop.create_task(self._connect_upstream())
+
+    async def _connect_upstream(self) -> None:
+        try:
+            await self._splice.open_upstream(lambda: self.upstream)
+        except OSError as exc:
+            log.warning("cannot reach step-runner: %s", exc)
+            self._splice.upstream_reachable(False)
+            # As a failed direct dial would: the client sees its connection close.
+            self._tap_lost()
+            self.close(abort=True)
+            return
+        self._splice.upstream_reachable(True)
+        if self._closed:
+            self._close_transport(self.upstream.transport, abort=False)
+            return
+        pending, self._pending = self._pending, None
+        upstream = self.upstream.transport
+        assert upstream is not None
+        for chunk in pending or ():
+            upstream.write(chunk)
+        if self._client_eof_pending:
+            self._write_eof(upstream)
+        if self._pending_size > _CONNECT_BUFFER_LIMIT and self.client.transport:
+            self.client.transport.resume_reading()
+
+    # -- data
+    def from_client(self, data: bytes) -> None:
+        upstream = self.upstream.transport
+        if upstream is not None:
+            upstream.write(data)
+        elif self._pending is not None:
+            self._pending.append(data)
+            self._pending_size += len(data)
+            if self._pending_size > _CONNECT_BUFFER_LIMIT and self.client.transport:
+                self.client.transport.pause_reading()
+        tap = self._tap
+        if tap is not None:
+            try:
+                tap.client_data(data, self._loop.time())
+            except Exception:
+                self._tap_failed()
+
+    def from_upstream(self, data: bytes) -> None:
+        client = self.client.transport
+        if client is not None:
+            client.write(data)
+        tap = self._tap
+        if tap is not None:
+            try:
+                tap.server_data(data, self._loop.time())
+            except Exception:
+                self._tap_failed()
+
+    def _tap_failed(self) -> None:
+        log.exception("observer failed; forwarding continues unobserved")
+        self._tap = None
+
+    # -- half-close and close
+    def eof_from(self, side: _Side) -> bool:
+        self._eofs += 1
+        other = self.upstream if side is self.client else self.client
+        if other.transport is None:
+            self._client_eof_pending = True
+        else:
+            self._write_eof(other.transport)
+        if self._eofs >= 2:
+            self.close(abort=False)
+        return True  # keep our side open for writing: a half-close, not a close
+
+    def _write_eof(self, transport: asyncio.Transport) -> None:
+        if transport.can_write_eof():
+            with contextlib.suppress(OSError, RuntimeError):
+                transport.write_eof()
+        else:
+            transport.close()
+
+    def lost(self, side: _Side) -> None:
+        # Either connection gone: the other one goes too (after flushing what it has).
+        self.close(abort=False)
+
+    def close(self, *, abort: bool) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._tap_lost()
+        self._close_transport(self.client.transport, abort=abort)
+        self._close_transport(self.upstream.transport, abort=abort)
+        self._splice.connection_closed(self)
+        if not self.done.done():
+            self.done.set_result(None)
+
+    def _tap_lost(self) -> None:
+        tap, self._tap = self._tap, None
+        if tap is not None:
+            try:
+                tap.connection_lost(self._loop.time())
+            except Exception:
+                log.exception("observer failed at connection end")
+
+    @staticmethod
+    def _close_transport(transport: asyncio.Transport | None, *, abort: bool) -> None:
+        if transport is None or transport.is_closing():
+            return
+        if abort:
+            transport.abort()
+        else:
+            transport.close()
+
+
+class _PeerHandle:
+    __slots__ = ("_transport",)
+
+    def __init__(self, transport: asyncio.Transport | None) -> None:
+        self._transport = transport
+
+    def pause_reading(self) -> None:
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.resume_reading()
+
+
+class Splice:
+    """Listens on `listen` and splices every connection to `upstream`."""
+
+    def __init__(
+        self,
+        listen: Endpoint,
+        upstream: Endpoint,
+        tap_factory: Callable[[], Tap | None],
+        events: SpliceEvents | None = None,
+        *,
+        socket_mode: int = 0o660,
+        socket_owner: int | None = None,
+        socket_group: int | None = None,
+        max_connections: int = 1024,
+        connect_timeout: float = 5.0,
+    ) -> None:
+        self.listen = listen
+        self.upstream_endpoint = upstream
+        self.tap_factory = tap_factory
+        self._events = events
+        self._socket_mode = socket_mode
+        self._socket_owner = socket_owner
+        self._socket_group = socket_group
+        self._max_connections = max_connections
+        self._connect_timeout = connect_timeout
+        self._server: asyncio.Server | None = None
+        self._pairs: set[_Pair] = set()
+        self._upstream_up: bool | None = None
+        self.loop = asyncio.get_running_loop()
+
+    @property
+    def active_connections(self) -> int:
+        return len(self._pairs)
+
+    @property
+    def serving(self) -> bool:
+        return self._server is not None and self._server.is_serving()
+
+    async def start(self) -> None:
+        factory = self._accept
+        if self.listen.path is not None:
+            sock = bind_unix_socket(
+                self.listen.path, self._socket_mode, self._socket_owner, self._socket_group
+            )
+            self._server = await self.loop.create_unix_server(factory, sock=sock, backlog=1024)
+        else:
+            self._server = await self.loop.create_server(
+                factory, self.listen.host, self.listen.port, backlog=1024, reuse_address=True
+            )
+            port = self._server.sockets[0].getsockname()[1]
+            self.listen = Endpoint(host=self.listen.host, port=port)
+
+    def _accept(self) -> asyncio.Protocol:
+        if len(self._pairs) >= self._max_connections:
+            if self._events is not None:
+                self._events.connection_rejected()
+            return _Rejected()
+        return _Pair(self).client
+
+    async def open_upstream(self, factory: Callable[[], asyncio.Protocol]) -> None:
+        ep = self.upstream_endpoint
+        if ep.path is not None:
+            coro = self.loop.create_unix_connection(factory, ep.path)
+        else:
+            coro = self.loop.create_connection(factory, ep.host, ep.port)
+        try:
+            transport, _ = await asyncio.wait_for(coro, self._connect_timeout)
+        except TimeoutError as exc:
+            raise OSError(f"connecting to {ep} timed out") from exc
+        sock = transport.get_extra_info("socket")
+        if sock is not None and ep.path is None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    async def probe_upstream(self) -> bool:
+        """Connect and disconnect once: is step-runner accepting connections?"""
+        try:
+            await self.open_upstream(asyncio.Protocol)
+        except OSError:
+            self.upstream_reachable(False)
+            return False
+        self.upstream_reachable(True)
+        return True
+
+    def upstream_reachable(self, reachable: bool) -> None:
+        if reachable != self._upstream_up:
+            self._upstream_up = reachable
+            if self._events is not None:
+                self._events.upstream_state(reachable)
+
+    def connection_opened(self, pair: _Pair) -> None:
+        self._pairs.add(pair)
+
+    def connection_closed(self, pair: _Pair) -> None:
+        self._pairs.discard(pair)
+
+    async def stop_accepting(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            if self.listen.path is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(self.listen.path)
+
+    async def drain(self, grace: float) -> int:
+        """Wait up to `grace` seconds for open connections to end, then cut the rest.
+        Returns how many were cut."""
+        pending = [p.done for p in self._pairs]
+        if pending:
+            await asyncio.wait(pending, timeout=grace)
+        cut = list(self._pairs)
+        for pair in cut:
+            pair.close(abort=True)
+        return len(cut)
+
+    async def close(self, grace: float = 0.0) -> None:
+        await self.stop_accepting()
+        await self.drain(grace)
+        if self._server is not None:
+            await self._server.wait_closed()
+
+
+class _Rejected(asyncio.Protocol):
+    """Over the connection limit: closed at once, as a refused dial would be."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.close()
+
+
+class ListenError(Exception):
+    pass
+
+
+def bind_unix_socket(path: str, mode: int, owner: int | None, group: int | None) -> socket.socket:
+    """A listening unix socket at `path` with `mode`, never world-writable in between.
+
+    A stale socket file (nobody listening) is replaced; a live one, a symlink or any
+    other file is refused: the sidecar never deletes what it did not create.
+    """
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    if st is not None:
+        if not stat.S_ISSOCK(st.st_mode):
+            kind = "a symlink" if stat.S_ISLNK(st.st_mode) else "not a socket"
+            raise ListenError(f"{path} exists and is {kind}; refusing to replace it")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except OSError:
+            os.unlink(path)  # stale: its server is gone
+        else:
+            raise ListenError(f"{path}: another process is listening on it")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    # bind() creates the file with the umask applied; a strict umask means the
+    # socket is never briefly more open than `mode`.
+    old_umask = os.umask(0o177)
+    try:
+        sock.bind(path)
+    except OSError as exc:
+        sock.close()
+        raise ListenError(f"cannot listen on {path}: {exc.strerror}") from exc
+    finally:
+        os.umask(old_umask)
+    try:
+        if owner is not None or group is not None:
+            os.chown(path, -1 if owner is None else owner, -1 if group is None else group)
+        os.chmod(path, mode)
+    except OSError as exc:
+        sock.close()
+        os.unlink(path)
+        raise ListenError(f"cannot set owner/mode of {path}: {exc.strerror}") from exc
+    sock.setblocking(False)
+    sock.listen(1024)
+    return sock

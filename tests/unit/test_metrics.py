@@ -1,0 +1,141 @@
+"""Metric names, labels, zero series and exemplars (SPEC section 4)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_om
+from prometheus_client.parser import text_string_to_metric_families
+
+from exporter import classifier as c
+from exporter.events import UNKNOWN_METHOD, CallEnded, Code, Method
+from exporter.metrics import MetricName, Metrics, labelled_registry
+
+RUN = Method("proto.StepRunner", "Run", "unary")
+FOLLOW = Method("proto.StepRunner", "FollowLogs", "server_stream")
+
+
+def fresh(**labels: str) -> tuple[Metrics, CollectorRegistry, CollectorRegistry]:
+    registry = CollectorRegistry()
+    metrics = Metrics(registry, version="1.2.3")
+    return metrics, registry, labelled_registry(registry, labels)
+
+
+def test_every_spec_metric_is_exposed() -> None:
+    _, _, exposed = fresh()
+    names = {f.name for f in text_string_to_metric_families(generate_latest(exposed).decode())}
+    for name in MetricName:
+        base = name.value.removesuffix("_total")
+        assert base in names, name
+
+
+def test_failure_combinations_exist_at_zero_from_start() -> None:
+    _, registry, _ = fresh()
+    for failure in c.ALL_FAILURES:
+        value = registry.get_sample_value("step_runner_job_failures_total", failure.labels())
+        assert value == 0.0, failure
+    for result in c.RESULTS:
+        assert registry.get_sample_value("step_runner_jobs_total", {"result": result}) == 0.0
+    labels = {"grpc_type": "unary", "grpc_service": "proto.StepRunner", "grpc_method": "Status"}
+    assert (
+        registry.get_sample_value("grpc_server_handled_total", {**labels, "grpc_code": "Internal"})
+        == 0
+    )
+    assert registry.get_sample_value("step_runner_exporter_build_info", {"version": "1.2.3"}) == 1
+
+
+def test_job_decided_counts_result_failure_and_duration() -> None:
+    metrics, registry, _ = fresh()
+    failure = c.Outcome("failed", c.GRPC_INTERNAL)
+    metrics.job_decided("42", failure, 1.5)
+    metrics.job_decided("43", c.SUCCESS, None)
+    assert registry.get_sample_value("step_runner_jobs_total", {"result": "failed"}) == 1
+    assert registry.get_sample_value("step_runner_jobs_total", {"result": "success"}) == 1
+    assert (
+        registry.get_sample_value("step_runner_job_failures_total", c.GRPC_INTERNAL.labels()) == 1
+    )
+    assert (
+        registry.get_sample_value("step_runner_job_duration_seconds_count", {"result": "failed"})
+        == 1
+    )
+    assert (
+        registry.get_sample_value("step_runner_job_duration_seconds_sum", {"result": "failed"})
+        == 1.5
+    )
+    assert (
+        registry.get_sample_value("step_runner_job_duration_seconds_count", {"result": "success"})
+        == 0
+    )
+
+
+def test_failure_exemplar_carries_job_id_in_openmetrics() -> None:
+    metrics, _, exposed = fresh()
+    metrics.job_decided('12"\n3', c.Outcome("failed", c.GRPC_INTERNAL), None)
+    text = generate_openmetrics(exposed).decode()
+    families = {f.name: f for f in parse_om(text)}
+    samples = [
+        s
+        for s in families["step_runner_job_failures"].samples
+        if s.name.endswith("_total") and s.value == 1
+    ]
+    assert len(samples) == 1
+    assert samples[0].exemplar is not None
+    # Characters a job id should never have are replaced, so no scraper chokes on them.
+    assert samples[0].exemplar.labels == {"job_id": "12__3"}
+
+
+def test_long_job_id_exemplar_is_truncated_to_the_openmetrics_limit() -> None:
+    metrics, _, exposed = fresh()
+    metrics.job_decided("x" * 500, c.Outcome("failed", c.GRPC_INTERNAL), None)
+    text = generate_openmetrics(exposed).decode()
+    exemplar = next(s.exemplar for f in parse_om(text) for s in f.samples if s.exemplar is not None)
+    assert len("job_id") + len(exemplar.labels["job_id"]) <= 128
+
+
+def test_call_metrics_count_per_method_and_code() -> None:
+    metrics, registry, _ = fresh()
+    metrics.call_started(FOLLOW)
+    metrics.call_ended(CallEnded(FOLLOW, "1", Code.OK, 0.25, 1, 7))
+    labels = {
+        "grpc_type": "server_stream",
+        "grpc_service": "proto.StepRunner",
+        "grpc_method": "FollowLogs",
+    }
+    assert registry.get_sample_value("grpc_server_started_total", labels) == 1
+    assert (
+        registry.get_sample_value("grpc_server_handled_total", {**labels, "grpc_code": "OK"}) == 1
+    )
+    assert registry.get_sample_value("grpc_server_msg_received_total", labels) == 1
+    assert registry.get_sample_value("grpc_server_msg_sent_total", labels) == 7
+    assert registry.get_sample_value("grpc_server_handling_seconds_sum", labels) == 0.25
+
+
+def test_unknown_methods_and_codes_do_not_grow_the_label_set() -> None:
+    metrics, registry, exposed = fresh()
+    before = len(generate_latest(exposed).splitlines())
+    for i in range(100):
+        odd = Method(f"svc{i}", f"m{i}", "unary")
+        metrics.call_started(odd)
+        metrics.call_ended(CallEnded(odd, None, 1000 + i, 0.001, 1, 1))
+        metrics.call_ended(CallEnded(UNKNOWN_METHOD, None, Code.OK, 0.001, 1, 1))
+        metrics.decode_error(f"message{i}")
+    assert len(generate_latest(exposed).splitlines()) == before
+    unknown = {"grpc_type": "unknown", "grpc_service": "unknown", "grpc_method": "unknown"}
+    assert registry.get_sample_value("grpc_server_started_total", unknown) == 100
+    assert (
+        registry.get_sample_value("grpc_server_handled_total", {**unknown, "grpc_code": "Unknown"})
+        == 100
+    )
+
+
+def test_static_labels_are_added_to_every_series() -> None:
+    _, _, exposed = fresh(runner="r1", zone="a")
+    families = list(text_string_to_metric_families(generate_latest(exposed).decode()))
+    assert families
+    for family in families:
+        for sample in family.samples:
+            assert sample.labels.get("runner") == "r1" and sample.labels.get("zone") == "a", sample
+    value = exposed.get_sample_value(
+        "step_runner_jobs_total", {"runner": "r1", "zone": "a", "result": "failed"}
+    )
+    assert value == 0
