@@ -17,7 +17,7 @@ import socket
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, cast
 
 log = logging.getLogger("exporter.splice")
 
@@ -82,8 +82,8 @@ class _Side(asyncio.Protocol):
 
 class _ClientSide(_Side):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports implement the interface without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
         self._pair.client_connected(self)
 
     def data_received(self, data: bytes) -> None:
@@ -92,8 +92,8 @@ class _ClientSide(_Side):
 
 class _UpstreamSide(_Side):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports implement the interface without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         self._pair.from_upstream(data)

@@ -1,0 +1,441 @@
+"""The Prometheus exporter-toolkit web config file (`--web.config.file`): TLS and basic
+auth for the metrics endpoint, in the format every Prometheus exporter shares
+(https://github.com/prometheus/exporter-toolkit/blob/master/docs/web-configuration.md).
+
+Keys the toolkit has but this exporter cannot honour with Python's ssl module are
+errors, never silently ignored: a security setting that does nothing is worse than a
+refusal to start. Passwords and bcrypt hashes never appear in messages or reprs.
+"""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import re
+import secrets
+import ssl
+import threading
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from types import MappingProxyType
+
+import bcrypt
+
+from .config import Collector, ConfigError, KeyPath, Marks, Problem, read_yaml, show
+
+CLIENT_AUTH_TYPES: Mapping[str, ssl.VerifyMode] = MappingProxyType(
+    {
+        "NoClientCert": ssl.CERT_NONE,
+        # Go asks for a certificate but neither requires nor verifies it; nothing here
+        # uses an unverified certificate, so not asking grants exactly the same access.
+        "RequestClientCert": ssl.CERT_NONE,
+        "VerifyClientCertIfGiven": ssl.CERT_OPTIONAL,
+        "RequireAndVerifyClientCert": ssl.CERT_REQUIRED,
+    }
+)
+TLS_VERSIONS: Mapping[str, ssl.TLSVersion] = MappingProxyType(
+    {"TLS12": ssl.TLSVersion.TLSv1_2, "TLS13": ssl.TLSVersion.TLSv1_3}
+)
+# Header name -> accepted values (lower case), None for any value.
+ALLOWED_HEADERS: Mapping[str, tuple[str, ...] | None] = MappingProxyType(
+    {
+        "Content-Security-Policy": None,
+        "X-Frame-Options": ("deny", "sameorigin"),
+        "X-Content-Type-Options": ("nosniff",),
+        "X-XSS-Protection": None,
+        "Strict-Transport-Security": None,
+    }
+)
+
+_TOP_KEYS = ("tls_server_config", "http_server_config", "basic_auth_users")
+_TLS_KEYS = (
+    "cert_file",
+    "key_file",
+    "client_auth_type",
+    "client_ca_file",
+    "min_version",
+    "max_version",
+    "prefer_server_cipher_suites",
+)
+_HTTP_KEYS = ("http2", "headers")
+# exporter-toolkit keys this exporter refuses, and why.
+_UNSUPPORTED: Mapping[KeyPath, str] = MappingProxyType(
+    {
+        ("tls_server_config", "cert"): "inline certificates are not supported: use cert_file",
+        ("tls_server_config", "key"): "inline keys are not supported: use key_file",
+        ("tls_server_config", "client_ca"): "inline CAs are not supported: use client_ca_file",
+        ("tls_server_config", "client_allowed_sans"): "not supported by this exporter",
+        ("tls_server_config", "cipher_suites"): "not supported: OpenSSL's defaults apply",
+        ("tls_server_config", "curve_preferences"): "not supported: OpenSSL's defaults apply",
+        ("rate_limit",): "not supported by this exporter",
+    }
+)
+_BCRYPT_HASH = re.compile(r"\$2[abxy]?\$(\d\d)\$[./A-Za-z0-9]{53}")
+
+
+@dataclass(frozen=True, slots=True)
+class TLSServerConfig:
+    cert_file: Path
+    key_file: Path
+    client_auth_type: str = "NoClientCert"
+    client_ca_file: Path | None = None
+    min_version: str = "TLS12"
+    max_version: str = "TLS13"
+    prefer_server_cipher_suites: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class HTTPServerConfig:
+    http2: bool = True  # accepted for compatibility; the metrics server speaks HTTP/1.1
+    headers: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+
+
+@dataclass(frozen=True, slots=True)
+class WebServerConfig:
+    tls_server_config: TLSServerConfig | None = None
+    http_server_config: HTTPServerConfig = HTTPServerConfig()
+    # user -> bcrypt hash; kept out of repr so logging the config cannot leak a hash.
+    basic_auth_users: Mapping[str, str] = field(
+        default_factory=lambda: MappingProxyType({}), repr=False
+    )
+
+    @property
+    def auth_required(self) -> bool:
+        return bool(self.basic_auth_users)
+
+
+def load_web_config(path: Path) -> WebServerConfig:
+    """Load and validate a web config file; relative file names in it are relative to
+    it, as in exporter-toolkit. Raises ConfigError listing every problem."""
+    doc = read_yaml(path)
+    try:
+        cfg = parse_web_config(doc.data, str(path), doc.marks, base_dir=path.parent)
+    except ConfigError as e:
+        raise ConfigError([*doc.problems, *e.problems]) from None
+    if doc.problems:
+        raise ConfigError(doc.problems)
+    return cfg
+
+
+def parse_web_config(
+    data: object,
+    source: str = "<web config>",
+    marks: Marks | None = None,
+    *,
+    base_dir: Path | None = None,
+) -> WebServerConfig:
+    """Validate loaded YAML data, including that the TLS files load."""
+    c = Collector(source, marks)
+    if data is None:
+        data = {}
+    root = c.mapping(_drop_unsupported(c, data, ()), (), _TOP_KEYS)
+    tls = _tls(c, root.get("tls_server_config"), base_dir)
+    http = _http(c, root.get("http_server_config"))
+    users = _users(c, root.get("basic_auth_users"))
+    c.check()
+    if tls is not None:
+        _check_tls_files(c, tls)
+        c.check()
+    return WebServerConfig(tls, http, users)
+
+
+def _drop_unsupported(c: Collector, value: object, path: KeyPath) -> object:
+    # Reported with a clearer message than "unknown key", then left out.
+    if not isinstance(value, Mapping):
+        return value
+    kept = {}
+    for key, item in value.items():
+        reason = _UNSUPPORTED.get((*path, str(key)))
+        if reason is None:
+            kept[key] = item
+        else:
+            c.add((*path, str(key)), reason)
+    return kept
+
+
+def _tls(c: Collector, value: object, base_dir: Path | None) -> TLSServerConfig | None:
+    path = ("tls_server_config",)
+    if value is None:
+        return None
+    t = c.mapping(_drop_unsupported(c, value, path), path, _TLS_KEYS)
+    if not isinstance(value, Mapping):
+        return None
+    d = TLSServerConfig(Path(), Path())
+
+    def file(key: str) -> Path | None:
+        parsed = c.field(t, path, key, _file_name, None)
+        if parsed is None or base_dir is None or parsed.is_absolute():
+            return parsed
+        return base_dir / parsed
+
+    cert_file = file("cert_file")
+    key_file = file("key_file")
+    client_ca_file = file("client_ca_file")
+    auth = c.field(t, path, "client_auth_type", _client_auth_type, d.client_auth_type)
+    min_version = c.field(t, path, "min_version", _tls_version, d.min_version)
+    max_version = c.field(t, path, "max_version", _tls_version, d.max_version)
+    prefer = c.field(t, path, "prefer_server_cipher_suites", _bool, d.prefer_server_cipher_suites)
+    for key, given in (("cert_file", cert_file), ("key_file", key_file)):
+        if given is None and key not in t:
+            c.add((*path, key), f"required when tls_server_config is set (missing {key})")
+    if TLS_VERSIONS[min_version] > TLS_VERSIONS[max_version]:
+        c.add((*path, "max_version"), f"must not be below min_version ({min_version})")
+    verifies = CLIENT_AUTH_TYPES[auth] != ssl.CERT_NONE
+    if verifies and client_ca_file is None and "client_ca_file" not in t:
+        c.add((*path, "client_auth_type"), f"{auth} needs client_ca_file to verify against")
+    if auth == "NoClientCert" and client_ca_file is not None:
+        c.add((*path, "client_ca_file"), "set, but client_auth_type is NoClientCert")
+    if cert_file is None or key_file is None:
+        return None
+    return TLSServerConfig(
+        cert_file, key_file, auth, client_ca_file, min_version, max_version, prefer
+    )
+
+
+def _file_name(value: object) -> Path:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"expected a file name, got {show(value)}")
+    return Path(value)
+
+
+def _client_auth_type(value: object) -> str:
+    if value == "RequireAnyClientCert":
+        raise ValueError(
+            "RequireAnyClientCert is not supported (Python's ssl module cannot require a"
+            " certificate without verifying it): use RequireAndVerifyClientCert"
+        )
+    if not isinstance(value, str) or value not in CLIENT_AUTH_TYPES:
+        raise ValueError(f"expected one of {', '.join(CLIENT_AUTH_TYPES)}, got {show(value)}")
+    return value
+
+
+def _tls_version(value: object) -> str:
+    if value in ("TLS10", "TLS11"):
+        raise ValueError(f"{value} is insecure and not supported: use TLS12 or TLS13")
+    if not isinstance(value, str) or value not in TLS_VERSIONS:
+        raise ValueError(f"expected TLS12 or TLS13, got {show(value)}")
+    return value
+
+
+def _bool(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {show(value)}")
+    return value
+
+
+def _http(c: Collector, value: object) -> HTTPServerConfig:
+    path = ("http_server_config",)
+    h = c.mapping(value, path, _HTTP_KEYS)
+    http2 = c.field(h, path, "http2", _bool, True)
+    headers_value = h.get("headers")
+    headers: dict[str, str] = {}
+    if headers_value is not None and not isinstance(headers_value, Mapping):
+        c.add((*path, "headers"), f"expected a mapping, got {show(headers_value)}")
+    elif headers_value is not None:
+        for name, header in headers_value.items():
+            problem = _header_problem(name, header)
+            if problem is not None:
+                c.add((*path, "headers", str(name)), problem)
+            elif header:  # blank means unset, as in exporter-toolkit
+                headers[name] = header
+    return HTTPServerConfig(http2, MappingProxyType(headers))
+
+
+def _header_problem(name: object, value: object) -> str | None:
+    if not isinstance(name, str) or name not in ALLOWED_HEADERS:
+        return f"cannot be configured (allowed: {', '.join(ALLOWED_HEADERS)})"
+    if value is None:
+        return None
+    if not isinstance(value, str) or any(ch in value for ch in "\r\n\0"):
+        return f"expected a single-line string, got {show(value)}"
+    accepted = ALLOWED_HEADERS[name]
+    if value and accepted is not None and value.lower() not in accepted:
+        return f"expected one of {', '.join(accepted)}, got {show(value)}"
+    return None
+
+
+def _users(c: Collector, value: object) -> Mapping[str, str]:
+    path = ("basic_auth_users",)
+    if value is None:
+        return MappingProxyType({})
+    if not isinstance(value, Mapping):
+        c.add(path, f"expected a mapping of user names to bcrypt hashes, got {show(value)}")
+        return MappingProxyType({})
+    users: dict[str, str] = {}
+    for user, hashed in value.items():
+        if not isinstance(user, str) or not user or ":" in user:
+            c.add((*path, str(user)), "user names must be non-empty strings without ':'")
+        elif not isinstance(hashed, str) or not _BCRYPT_HASH.fullmatch(hashed):
+            # The value may be a password pasted by mistake: never echo it.
+            c.add((*path, user), "expected a bcrypt hash ($2y$10$...), got something else")
+        else:
+            users[user] = hashed
+    return MappingProxyType(users)
+
+
+def _check_tls_files(c: Collector, tls: TLSServerConfig) -> None:
+    path = ("tls_server_config",)
+    files = {"cert_file": tls.cert_file, "key_file": tls.key_file}
+    if tls.client_ca_file is not None:
+        files["client_ca_file"] = tls.client_ca_file
+    unreadable = False
+    for key, file in files.items():
+        try:
+            file.read_bytes()
+        except OSError as e:
+            c.add((*path, key), f"cannot read {file}: {e.strerror or e}")
+            unreadable = True
+    if unreadable:
+        return
+    try:
+        ssl_context(WebServerConfig(TLSServerConfig(tls.cert_file, tls.key_file)))
+    except (OSError, ValueError) as e:
+        c.add((*path, "key_file"), f"cannot load certificate and key: {e}")
+    if tls.client_ca_file is not None:
+        try:
+            ssl.create_default_context(cafile=tls.client_ca_file)
+        except (OSError, ValueError) as e:
+            c.add((*path, "client_ca_file"), f"cannot load CA certificates: {e}")
+
+
+def _no_key_password() -> bytes:
+    # Without a callback OpenSSL would prompt on the terminal and hang a daemon.
+    raise ValueError("the key is encrypted; exporter-toolkit web configs take unencrypted keys")
+
+
+def ssl_context(cfg: WebServerConfig) -> ssl.SSLContext | None:
+    """A server SSLContext for the metrics endpoint, or None to serve plain HTTP.
+
+    Reads the certificate files now: call it again to pick up rotated certificates.
+    Raises OSError, ssl.SSLError or ValueError when they do not load.
+    """
+    tls = cfg.tls_server_config
+    if tls is None:
+        return None
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = TLS_VERSIONS[tls.min_version]
+    ctx.maximum_version = TLS_VERSIONS[tls.max_version]
+    ctx.load_cert_chain(tls.cert_file, tls.key_file, password=_no_key_password)
+    ctx.verify_mode = CLIENT_AUTH_TYPES[tls.client_auth_type]
+    if tls.client_ca_file is not None and ctx.verify_mode != ssl.CERT_NONE:
+        ctx.load_verify_locations(cafile=tls.client_ca_file)
+    if tls.prefer_server_cipher_suites:
+        ctx.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
+    else:
+        ctx.options &= ~ssl.OP_CIPHER_SERVER_PREFERENCE
+    return ctx
+
+
+# --- basic auth -----------------------------------------------------------------------
+
+
+class _SuccessCache:
+    """Successful (user, hash, password) checks, so bcrypt (tens of milliseconds by
+    design) runs once per credential rather than on every scrape.
+
+    Keys are keyed HMACs: no password sits in memory, and a changed hash in a reloaded
+    config never matches an old entry.
+    """
+
+    def __init__(self, size: int = 256) -> None:
+        self._secret = secrets.token_bytes(32)
+        self._size = size
+        self._entries: OrderedDict[bytes, None] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def key(self, user: str, hashed: str, password: bytes) -> bytes:
+        mac = hmac.new(self._secret, digestmod="sha256")
+        for part in (user.encode(), hashed.encode(), password):
+            mac.update(len(part).to_bytes(8, "big"))
+            mac.update(part)
+        return mac.digest()
+
+    def __contains__(self, key: bytes) -> bool:
+        with self._lock:
+            if key not in self._entries:
+                return False
+            self._entries.move_to_end(key)
+            return True
+
+    def add(self, key: bytes) -> None:
+        with self._lock:
+            self._entries[key] = None
+            while len(self._entries) > self._size:
+                self._entries.popitem(last=False)
+
+
+_success_cache = _SuccessCache()
+
+
+@cache
+def _dummy_hash(cost: int) -> bytes:
+    return bcrypt.hashpw(secrets.token_bytes(16), bcrypt.gensalt(cost))
+
+
+def _cost(hashed: str) -> int:
+    match = _BCRYPT_HASH.fullmatch(hashed)
+    return int(match.group(1)) if match else 10
+
+
+def _credentials(header: str | None) -> tuple[str, bytes] | None:
+    if header is None:
+        return None
+    scheme, _, token = header.strip().partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        raw = base64.b64decode(token.strip(), validate=True)
+        user, sep, password = raw.partition(b":")
+        return (user.decode("utf-8"), password) if sep else None
+    except ValueError:  # bad base64 (binascii.Error), non-ASCII text or non-UTF-8 user
+        return None
+
+
+def check_basic_auth(cfg: WebServerConfig, authorization_header: str | None) -> bool:
+    """Whether a request with this `Authorization` header may see the endpoint: always
+    when no users are configured, else only with a user's password."""
+    if not cfg.basic_auth_users:
+        return True
+    credentials = _credentials(authorization_header)
+    if credentials is None:
+        return False
+    user, password = credentials
+    hashed = cfg.basic_auth_users.get(user)
+    if hashed is None:
+        # Spend the same bcrypt time on an unknown user so that timing does not tell
+        # which user names exist.
+        _checkpw(password, _dummy_hash(max(_cost(h) for h in cfg.basic_auth_users.values())))
+        return False
+    key = _success_cache.key(user, hashed, password)
+    if key in _success_cache:
+        return True
+    if not _checkpw(password, hashed.encode()):
+        return False
+    _success_cache.add(key)
+    return True
+
+
+def _checkpw(password: bytes, hashed: bytes) -> bool:
+    try:
+        return bcrypt.checkpw(password, hashed)
+    except ValueError:  # over bcrypt's 72-byte limit, or a hash bcrypt rejects
+        return False
+
+
+__all__ = [
+    "ALLOWED_HEADERS",
+    "CLIENT_AUTH_TYPES",
+    "TLS_VERSIONS",
+    "ConfigError",
+    "HTTPServerConfig",
+    "Problem",
+    "TLSServerConfig",
+    "WebServerConfig",
+    "check_basic_auth",
+    "load_web_config",
+    "parse_web_config",
+    "ssl_context",
+]
