@@ -130,7 +130,9 @@ class _Pair:
         except OSError as exc:
             log.warning("cannot reach step-runner: %s", exc)
             self._splice.upstream_reachable(False)
-            # As a failed direct dial would: the client sees its connection close.
+            # Close as a failed direct dial would: the client sees UNAVAILABLE. gRPC
+            # clients wait for the server's SETTINGS before sending a call, so
+            # usually no call has been read here; any that was is ended UNAVAILABLE.
             self._tap_lost()
             self.close(abort=True)
             return
@@ -150,10 +152,13 @@ class _Pair:
 
     # -- data
     def from_client(self, data: bytes) -> None:
-        upstream = self.upstream.transport
-        if upstream is not None:
-            upstream.write(data)
-        elif self._pending is not None:
+        # Until the bytes read while connecting are flushed (`_pending` is None), new
+        # bytes queue behind them, even if the upstream transport already exists.
+        if self._pending is None:
+            upstream = self.upstream.transport
+            if upstream is not None:
+                upstream.write(data)
+        else:
             self._pending.append(data)
             self._pending_size += len(data)
             if self._pending_size > _CONNECT_BUFFER_LIMIT and self.client.transport:
@@ -183,11 +188,17 @@ class _Pair:
     # -- half-close and close
     def eof_from(self, side: _Side) -> bool:
         self._eofs += 1
-        other = self.upstream if side is self.client else self.client
-        if other.transport is None:
-            self._client_eof_pending = True
+        if side is self.upstream:
+            # No response can arrive any more: every open call has ended for the client
+            # (as UNAVAILABLE), whatever the client sends on its way out (a client
+            # library may still reset the streams it is abandoning).
+            self._tap_lost()
+        if side is self.client and self._pending is not None:
+            self._client_eof_pending = True  # forwarded once the upstream is there
         else:
-            self._write_eof(other.transport)
+            other = self.upstream if side is self.client else self.client
+            if other.transport is not None:
+                self._write_eof(other.transport)
         if self._eofs >= 2:
             self.close(abort=False)
         return True  # keep our side open for writing: a half-close, not a close
@@ -306,7 +317,7 @@ class Splice:
             return _Rejected()
         return _Pair(self).client
 
-    async def open_upstream(self, factory: Callable[[], asyncio.Protocol]) -> None:
+    async def open_upstream(self, factory: Callable[[], asyncio.Protocol]) -> asyncio.Transport:
         ep = self.upstream_endpoint
         if ep.path is not None:
             coro = self.loop.create_unix_connection(factory, ep.path)
@@ -320,14 +331,16 @@ class Splice:
         if sock is not None and ep.path is None:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return cast(asyncio.Transport, transport)
 
     async def probe_upstream(self) -> bool:
         """Connect and disconnect once: is step-runner accepting connections?"""
         try:
-            await self.open_upstream(asyncio.Protocol)
+            transport = await self.open_upstream(asyncio.Protocol)
         except OSError:
             self.upstream_reachable(False)
             return False
+        transport.close()
         self.upstream_reachable(True)
         return True
 

@@ -2,7 +2,7 @@
 
 from .client import CallResult, JobRecord, Tally, call_once, invoke, run_forever, run_job, run_jobs
 from .scenarios import DEFAULT_MIX, SCENARIOS, Expected, Scenario, log_content
-from .server import SimulatedStepRunner, SimStats
+from .server import SimStats, SimulatedStepRunner
 
 __all__ = [
     "DEFAULT_MIX",

@@ -10,6 +10,7 @@ fails (a failed Cancel is only logged, as by Runner) and still sends Close.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import math
 import random
@@ -96,12 +97,13 @@ async def invoke(
     *,
     package: str = "proto",
     metadata: Metadata = (),
-    timeout: float | None = None,
+    deadline: float | None = None,
     streaming: bool | None = None,
     cancel_after: int | None = None,
 ) -> CallResult:
     """One call of any StepRunner method, unary or server-streaming alike; never raises
-    for a gRPC error. `cancel_after` cancels a stream after that many messages."""
+    for a gRPC error. `deadline` is the call's timeout in seconds (grpc-timeout);
+    `cancel_after` cancels a stream after that many messages."""
     path = method if method.startswith("/") else f"/{package}.StepRunner/{method}"
     name = path.rpartition("/")[2]
     payload = request if isinstance(request, bytes) else request.SerializeToString()
@@ -110,21 +112,17 @@ async def invoke(
     started = time.monotonic()
     responses: list[bytes] = []
     if streaming:
-        call = channel.unary_stream(path)(payload, metadata=metadata, timeout=timeout)
-        try:
+        call = channel.unary_stream(path)(payload, metadata=metadata, timeout=deadline)
+        with contextlib.suppress(grpc.aio.AioRpcError):  # the call's status says it all
             async for response in call:
                 responses.append(response)
                 if cancel_after is not None and len(responses) >= cancel_after:
                     call.cancel()
                     break
-        except grpc.aio.AioRpcError:
-            pass  # the call's status says it all
     else:
-        call = channel.unary_unary(path)(payload, metadata=metadata, timeout=timeout)
-        try:
+        call = channel.unary_unary(path)(payload, metadata=metadata, timeout=deadline)
+        with contextlib.suppress(grpc.aio.AioRpcError):
             responses.append(await call)
-        except grpc.aio.AioRpcError:
-            pass
     grpc_code = _code_name(await call.code())
     details = await call.details() or ""
     code = grpc_code
@@ -282,25 +280,27 @@ async def run_job(
             record.calls.append(result)
             return result
 
-        unary_timeout = scenario.call_timeout or UNARY_TIMEOUT
+        # A scenario's short deadline applies to Status only: on the other calls it
+        # would fire by chance on a loaded machine and make the job's outcome random.
+        unary_timeout = UNARY_TIMEOUT
         env = job_env(
             scenario, job_id, log_bytes=log_bytes, log_chunk=log_chunk, duration_ms=duration_ms
         )
-        if (await call("Run", run_request(job_id, env), timeout=unary_timeout)).ok:
+        if (await call("Run", run_request(job_id, env), deadline=unary_timeout)).ok:
             if scenario.cancel_rpc:
-                await call("Cancel", step_pb2.CancelRequest(id=job_id), timeout=unary_timeout)
+                await call("Cancel", step_pb2.CancelRequest(id=job_id), deadline=unary_timeout)
             follow = await call(
                 "FollowLogs",
                 step_pb2.FollowLogsRequest(id=job_id, offset=0),
-                timeout=scenario.call_timeout,
                 cancel_after=1 if scenario.cancel_follow else None,
             )
             for response in follow.responses:
                 record.log += step_pb2.FollowLogsResponse.FromString(response).data
             record.log_messages = len(follow.responses)
             if follow.ok:
-                await _poll_status(call, record, unary_timeout, max_status_polls, poll_interval)
-        await call("Close", step_pb2.CloseRequest(id=job_id), timeout=unary_timeout)
+                status_timeout = scenario.call_timeout or UNARY_TIMEOUT
+                await _poll_status(call, record, status_timeout, max_status_polls, poll_interval)
+        await call("Close", step_pb2.CloseRequest(id=job_id), deadline=unary_timeout)
     record.wall_seconds = time.monotonic() - started
     return record
 
@@ -308,7 +308,7 @@ async def run_job(
 async def _poll_status(
     call: Callable[..., Any],
     record: JobRecord,
-    timeout: float,
+    deadline: float,
     max_polls: int,
     interval: float,
 ) -> None:
@@ -316,7 +316,7 @@ async def _poll_status(
         if poll:
             await asyncio.sleep(interval)  # Runner's polling pause, not a test wait
         result: CallResult = await call(
-            "Status", step_pb2.StatusRequest(id=record.job_id), timeout=timeout
+            "Status", step_pb2.StatusRequest(id=record.job_id), deadline=deadline
         )
         if not result.ok:
             return
@@ -406,10 +406,8 @@ async def run_forever(
             if on_job is not None:
                 on_job(record)
             if pause > 0:
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), pause)
-                except TimeoutError:
-                    pass
 
     await asyncio.gather(*(worker() for _ in range(max(1, concurrency))))
     return tally

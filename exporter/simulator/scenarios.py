@@ -124,7 +124,7 @@ class Scenario:
     follow_stall: bool = False  # FollowLogs sends one message, then waits until cancelled
 
     # How the simulated Runner drives the job.
-    call_timeout: float | None = None  # every call's deadline (None: the usual ones)
+    call_timeout: float | None = None  # Status's deadline (None: the usual one)
     cancel_rpc: bool = False  # send Cancel right after Run
     cancel_follow: bool = False  # cancel FollowLogs after its first message
     env: Mapping[str, str] = field(default_factory=dict)
@@ -312,7 +312,7 @@ _SCENARIOS: tuple[Scenario, ...] = (
     ),
     Scenario(
         "hang_status",
-        "Status never answers; every call has a 200 ms deadline, which expires",
+        "Status never answers; its 200 ms deadline expires (other calls have the usual ones)",
         _grpc_status("DeadlineExceeded"),
         _status_failed("DeadlineExceeded"),
         decided_by_status=False,
@@ -417,9 +417,5 @@ def run_request(job_id: str, env: Mapping[str, str]) -> step_pb2.RunRequest:
                 ),
             ],
         ),
-        steps=(
-            "spec: {}\n---\nrun:\n  - name: script\n    script: echo hello from job "
-            + job_id
-            + "\n"
-        ),
+        steps=f"spec: {{}}\n---\nrun:\n  - name: script\n    script: echo job {job_id}\n",
     )

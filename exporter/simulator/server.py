@@ -22,7 +22,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -54,7 +54,7 @@ Metadata = tuple[tuple[str, str | bytes], ...]
 MAX_LOG_CHUNK = 4 * 1024 * 1024 - 64  # under gRPC's default 4 MiB message limit
 
 
-class SimulatedPanic(RuntimeError):
+class SimulatedPanicError(RuntimeError):
     """What a scripted handler raises; the panic-recovery interceptor turns it into INTERNAL."""
 
 
@@ -126,7 +126,7 @@ def _env_int(env: Any, key: str, default: int) -> int:
     return default if value is None else int(value)
 
 
-class StepRunnerService(step_pb2_grpc.StepRunnerServicer):  # type: ignore[misc]
+class StepRunnerService(step_pb2_grpc.StepRunnerServicer):
     """The scripted handlers. Status may return raw bytes (see _serialize)."""
 
     def __init__(self) -> None:
@@ -139,7 +139,7 @@ class StepRunnerService(step_pb2_grpc.StepRunnerServicer):  # type: ignore[misc]
         assert job is not None
         return job
 
-    async def Run(
+    async def Run(  # noqa: N802 (gRPC method name)
         self, request: step_pb2.RunRequest, context: grpc.aio.ServicerContext
     ) -> step_pb2.RunResponse:
         scenario = SCENARIOS.get(request.env.get(ENV_SCENARIO, "success"))
@@ -149,7 +149,7 @@ class StepRunnerService(step_pb2_grpc.StepRunnerServicer):  # type: ignore[misc]
         if scenario.hang == "Run":
             await _forever()
         if scenario.panic == "Run":
-            raise SimulatedPanic("Run")
+            raise SimulatedPanicError("Run")
         if request.id in self.jobs:
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"job {request.id!r} exists")
         try:
@@ -165,7 +165,7 @@ class StepRunnerService(step_pb2_grpc.StepRunnerServicer):  # type: ignore[misc]
         )
         return step_pb2.RunResponse()
 
-    async def FollowLogs(
+    async def FollowLogs(  # noqa: N802
         self, request: step_pb2.FollowLogsRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[step_pb2.FollowLogsResponse]:
         job = await self._job(request.id, context)
@@ -182,11 +182,11 @@ class StepRunnerService(step_pb2_grpc.StepRunnerServicer):  # type: ignore[misc]
     @staticmethod
     async def _after_first_message(scenario: Scenario) -> None:
         if scenario.panic == "FollowLogs":
-            raise SimulatedPanic("FollowLogs")
+            raise SimulatedPanicError("FollowLogs")
         if scenario.follow_stall:
             await _forever()
 
-    async def Status(
+    async def Status(  # noqa: N802
         self, request: step_pb2.StatusRequest, context: grpc.aio.ServicerContext
     ) -> step_pb2.StatusResponse | bytes:
         if not request.id:
@@ -197,7 +197,7 @@ class StepRunnerService(step_pb2_grpc.StepRunnerServicer):  # type: ignore[misc]
         if scenario.hang == "Status":
             await _forever()
         if scenario.panic == "Status":
-            raise SimulatedPanic("Status")
+            raise SimulatedPanicError("Status")
         if scenario.status_abort is not None:
             trailers: Metadata = tuple(context.trailing_metadata() or ())
             if scenario.status_details:
@@ -229,22 +229,22 @@ class StepRunnerService(step_pb2_grpc.StepRunnerServicer):  # type: ignore[misc]
             entry.message = "running"
             return entry
         else:
-            entry.status = scenario.state
+            entry.status = cast("step_pb2.StepResult.Status", scenario.state)
             entry.message = scenario.name
             if scenario.error_kind is not None:
-                entry.error.kind = scenario.error_kind
+                entry.error.kind = cast("step_pb2.StatusError.ErrorKind", scenario.error_kind)
                 entry.error.message = f"simulated {scenario.name}"
         entry.end_time.CopyFrom(_timestamp(job.start_ns + job.duration_ms * 1_000_000))
         return entry
 
-    async def Close(
+    async def Close(  # noqa: N802
         self, request: step_pb2.CloseRequest, context: grpc.aio.ServicerContext
     ) -> step_pb2.CloseResponse:
         await self._job(request.id, context)
         del self.jobs[request.id]
         return step_pb2.CloseResponse()
 
-    async def Cancel(
+    async def Cancel(  # noqa: N802
         self, request: step_pb2.CancelRequest, context: grpc.aio.ServicerContext
     ) -> step_pb2.CancelResponse:
         job = await self._job(request.id, context)
