@@ -118,9 +118,11 @@ class Sidecar:
         if self._want_web:
             tls = None
             authorize = None
+            headers: dict[str, str] = {}
             if cfg.web.config_file is not None:
                 web_cfg = load_web_config(cfg.web.config_file)
                 tls = ssl_context(web_cfg)
+                headers = dict(web_cfg.http_server_config.headers)
                 if web_cfg.basic_auth_users:
 
                     def authorize(header: str | None) -> bool:
@@ -135,6 +137,7 @@ class Sidecar:
                 ready=lambda: self.ready,
                 tls=tls,
                 authorize=authorize,
+                headers=headers,
             )
             self.web.start()
         self.splice = Splice(

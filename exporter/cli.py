@@ -11,6 +11,7 @@ from pathlib import Path
 from . import __version__
 from .config import ConfigError, load_config
 from .logs import setup_logging
+from .webconfig import load_web_config
 
 # Flags that override a key of the config file.
 _OVERRIDES = {
@@ -76,8 +77,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _check_config(path: Path) -> int:
+    """Validate the config file and the web config file it names, if any."""
     try:
-        load_config(path)
+        config = load_config(path)
+        if config.web.config_file is not None:
+            load_web_config(config.web.config_file)
     except ConfigError as exc:
         print(f"{path}: invalid configuration:\n{exc}", file=sys.stderr)
         return 1

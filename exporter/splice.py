@@ -331,7 +331,7 @@ class Splice:
         if sock is not None and ep.path is None:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return cast(asyncio.Transport, transport)
+        return transport
 
     async def probe_upstream(self) -> bool:
         """Connect and disconnect once: is step-runner accepting connections?"""

@@ -11,7 +11,7 @@ import gzip
 import logging
 import ssl
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -36,11 +36,13 @@ class WebServer:
         ready: Callable[[], bool] = lambda: True,
         tls: ssl.SSLContext | None = None,
         authorize: Callable[[str | None], bool] | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
         self.registry = registry
         self.metrics_path = metrics_path
         self.ready = ready
         self.authorize = authorize
+        self.headers = dict(headers or {})
         self.scrapes = 0
         self._scraped = threading.Condition()
         self._httpd = _Server((host, port), _Handler, self)
@@ -138,7 +140,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_response(code)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
-        for key, value in (extra or {}).items():
+        for key, value in {**self.server.web.headers, **(extra or {})}.items():
             self.send_header(key, value)
         self.end_headers()
         self.wfile.write(body)

@@ -7,6 +7,7 @@ import asyncio
 import os
 import stat
 import time
+from collections.abc import Sequence
 
 import grpc
 import pytest
@@ -28,7 +29,7 @@ pytestmark = pytest.mark.integration
 def _comparable(call: CallResult) -> tuple[object, ...]:
     """A call as the client saw it, minus what legitimately differs between two runs
     (Status timestamps are wall-clock times; they are compared as durations)."""
-    responses: list[object] = list(call.responses)
+    responses: Sequence[object] = call.responses
     if call.method == "Status" and call.code == "OK":
         decoded = []
         for raw in call.responses:
@@ -113,8 +114,8 @@ def test_a_thousand_jobs_counted_exactly() -> None:
             calls = sum(tally.codes.values())
             started = sum(
                 s.value
-                for s in sidecar.registry.collect()
-                for s in s.samples
+                for m in sidecar.registry.collect()
+                for s in m.samples
                 if s.name == "grpc_server_started_total"
             )
             handled = sum(
