@@ -75,6 +75,7 @@ class FrameReader:
         "_block_push",
         "_block_stream",
         "_buf",
+        "_data_target",
         "_flags",
         "_left",
         "_need",
@@ -89,7 +90,6 @@ class FrameReader:
         "_stream",
         "_target",
         "_type",
-        "data_target",
     )
 
     def __init__(
@@ -105,7 +105,7 @@ class FrameReader:
         on_push_promise: Callable[[bytes], None] = _noop,
     ) -> None:
         self._on_headers = on_headers
-        self.data_target = data_target
+        self._data_target = data_target
         self._on_data_end = on_data_end
         self._on_rst_stream = on_rst_stream
         self._on_settings = on_settings
@@ -180,7 +180,7 @@ class FrameReader:
         if ftype == DATA and not flags & FLAG_PADDED:
             if not stream:
                 raise H2Error("DATA on stream 0")
-            self._target = self.data_target(stream)
+            self._target = self._data_target(stream)
             if length:
                 self._state, self._left = _PASS, length
             else:
@@ -227,7 +227,7 @@ class FrameReader:
             if not stream:
                 raise H2Error("DATA on stream 0")
             data = _unpad(payload, flags)
-            target = self.data_target(stream)
+            target = self._data_target(stream)
             if target is not None and data:
                 target(data)
             if flags & FLAG_END_STREAM:

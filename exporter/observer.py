@@ -17,6 +17,10 @@ Decisions worth knowing:
   would forge job failures. The `decode_errors_total{message="http2"}` count says so.
 - Observation also stops for good at `connection_lost`: the splice calls it once the
   connection is over, so nothing that arrives later can belong to an open call.
+- Codes are what a current grpc-go client reports: first response HEADERS that are
+  not gRPC's (`:status` other than 200, no gRPC content-type) end the call at once
+  with grpc-go's HTTP mapping, a server RST_STREAM maps like http2ErrConvTab, a
+  CANCEL (from either side) at or after the deadline is DEADLINE_EXCEEDED.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from google.protobuf.message import Message
-from hpack import Decoder
+from hpack import Decoder, HPACKError
 
 from .events import (
     STEP_RUNNER_METHODS,
@@ -48,7 +52,8 @@ log = logging.getLogger(__name__)
 # than 4096 bytes); a bigger table size update stops observation instead.
 MAX_HPACK_TABLE = 1 << 20
 
-# grpc-go's mapping of an HTTP status without grpc-status to the code it reports.
+# grpc-go ends a call whose first response HEADERS carry another HTTP status than 200
+# with this code, whatever grpc-status says.
 _HTTP_CODES: dict[bytes, int] = {
     b"400": Code.INTERNAL,
     b"401": Code.UNAUTHENTICATED,
@@ -157,8 +162,19 @@ class _Messages:
             if left < 0:
                 hdr = self._hdr
                 if not hdr and end - pos >= 5:
-                    self._begin(mv[pos], int.from_bytes(mv[pos + 1 : pos + 5]))
+                    flag = mv[pos]
+                    length = int.from_bytes(mv[pos + 1 : pos + 5])
                     pos += 5
+                    if not self._countable(flag, length, mv, pos, min(end, pos + length)):
+                        self._begin(flag, length)
+                    elif length <= end - pos:  # the hot path: a whole log message
+                        self.count += 1
+                        pos += length
+                    else:
+                        self._flag, self._length = flag, length
+                        self._left = length - (end - pos)
+                        self._store, self._peek, self._oversize = None, 0, False
+                        return
                     continue
                 take = min(5 - len(hdr), end - pos)
                 hdr += mv[pos : pos + take]
@@ -178,6 +194,16 @@ class _Messages:
             self._left = left - take
             if take == left:
                 self._complete()
+
+    def _countable(self, flag: int, length: int, mv: memoryview, start: int, stop: int) -> bool:
+        """Whether the message starting at mv[start] needs nothing but counting,
+        judged from the bytes at hand (False when they are too few to tell)."""
+        keep = self.keep
+        if keep == KEEP_NONE:
+            return True
+        if keep != KEEP_LOG or flag:
+            return False
+        return not length or _plain_bytes_field(mv, start, stop, length)
 
     def _begin(self, flag: int, length: int) -> None:
         self._flag, self._length, self._left = flag, length, length
@@ -205,7 +231,7 @@ class _Messages:
         if len(store) < self._peek:
             return
         self._peek = 0
-        if _plain_bytes_field(store, self._length):
+        if _plain_bytes_field(store, 0, len(store), self._length):
             self._store = None  # a well-formed log message: nothing to decode
         elif self._length > self._max:
             self._store = None
@@ -223,17 +249,19 @@ class _Messages:
             self._on_message(self._stream_id, None, self._flag)
 
 
-def _plain_bytes_field(prefix: bytearray, length: int) -> bool:
-    """Whether a message of `length` bytes starting with `prefix` is exactly one
-    length-delimited field 1 (`0a <varint n> <n bytes>`)."""
-    if prefix[0] != 0x0A:
+def _plain_bytes_field(buf: bytearray | memoryview, start: int, stop: int, length: int) -> bool:
+    """Whether the `length`-byte message at buf[start:] is exactly one length-delimited
+    field 1 (`0a <varint n> <n bytes>`), judged from buf[start:stop]."""
+    if start >= stop or buf[start] != 0x0A:
         return False
     value = shift = 0
-    for i in range(1, len(prefix)):
-        byte = prefix[i]
+    i = start + 1
+    while i < stop and shift < 70:
+        byte = buf[i]
+        i += 1
         value |= (byte & 0x7F) << shift
         if byte < 0x80:
-            return i + 1 + value == length
+            return i - start + value == length
         shift += 7
     return False
 
@@ -243,7 +271,6 @@ class _Call:
 
     __slots__ = (
         "deadline",
-        "http_status",
         "job_id",
         "method",
         "req",
@@ -266,7 +293,6 @@ class _Call:
         self.req_encoding: bytes | None = None
         self.resp_encoding: bytes | None = None
         self.responded = False  # the first response HEADERS was seen
-        self.http_status: bytes | None = None
         self.statuses: tuple[JobStatus, ...] = ()
         self.undecodable = False
         self.req: _Messages
@@ -373,9 +399,9 @@ class ConnectionObserver:
             self._fail(exc)
 
     def _fail(self, exc: Exception) -> None:
-        if isinstance(exc, H2Error):
+        if isinstance(exc, H2Error | HPACKError):
             log.debug("stopped observing a connection: %s", exc)
-        else:
+        else:  # a bug here or in the sink: worth a traceback
             log.warning("stopped observing a connection", exc_info=exc)
         self._failed = True
         self._calls.clear()
@@ -441,14 +467,13 @@ class ConnectionObserver:
         if call is None or call.rpc is None:
             return
         call.req.keep = KEEP_NONE  # only the first request names the job
-        rpc = call.rpc
         if data is None:
             self._sink.decode_error("grpc_frame")
             return
         payload, _client_fails = self._unwrap(data, flag, call.req_encoding)
         if payload is None:
             return
-        message = self._parse(rpc.request, payload)
+        message = self._parse(call.rpc.request, payload)
         if message is not None:
             call.job_id = getattr(message, "id", None)
 
@@ -459,18 +484,26 @@ class ConnectionObserver:
         call = self._calls.get(stream_id)
         if call is None:
             return
-        grpc_status = None
         first = not call.responded
+        call.responded = True
+        grpc_status = http_status = content_type = None
         for name, value in headers:
             if name == b"grpc-status":
                 grpc_status = value
-            elif first and name == b":status":
-                call.http_status = value
+            elif name == b":status":
+                http_status = value
+            elif name == b"content-type":
+                content_type = value
             elif first and name == b"grpc-encoding":
                 call.resp_encoding = value
-        call.responded = True
-        if end_stream:
-            self._end(stream_id, call, _trailer_code(grpc_status, call.http_status))
+        code = _response_code(http_status, content_type) if first else None
+        if code is None and grpc_status is not None and not _valid_grpc_status(grpc_status):
+            code = Code.INTERNAL  # grpc-go: "malformed grpc-status", even before END_STREAM
+        if code is None and end_stream:
+            # grpc-go's default when the trailers carry no grpc-status is UNKNOWN.
+            code = normalize_code(int(grpc_status)) if grpc_status else Code.UNKNOWN
+        if code is not None:
+            self._end(stream_id, call, code)
 
     def _response_data(self, stream_id: int) -> DataFeed | None:
         call = self._calls.get(stream_id)
@@ -568,7 +601,7 @@ class ConnectionObserver:
             CallEnded(
                 method=call.method,
                 job_id=call.job_id,
-                code=code,
+                code=int(code),
                 duration_seconds=self._now - call.start,
                 messages_received=call.req.count,
                 messages_sent=call.resp.count,
@@ -583,8 +616,8 @@ class ConnectionObserver:
 
 
 def _hpack_decoder() -> Decoder:
-    decoder = Decoder(max_header_list_size=MAX_HEADER_BLOCK)
-    return decoder
+    # As large as grpc-go accepts, so that metadata a peer takes never stops us.
+    return Decoder(max_header_list_size=MAX_HEADER_BLOCK)
 
 
 def _raise_table_limit(decoder: Decoder, settings: list[tuple[int, int]]) -> None:
@@ -613,14 +646,30 @@ def _parse_timeout(value: bytes) -> float | None:
     return int(digits) * unit
 
 
-def _trailer_code(grpc_status: bytes | None, http_status: bytes | None) -> int:
-    if grpc_status is not None:
-        if not grpc_status.isdigit() or len(grpc_status) > 10:
-            return Code.INTERNAL  # grpc-go: "malformed grpc-status"
-        return normalize_code(int(grpc_status))
-    if http_status is not None and http_status != b"200":
+def _response_code(http_status: bytes | None, content_type: bytes | None) -> int | None:
+    """The code grpc-go ends a call with when the response HEADERS are not gRPC's, or
+    None when they are: it checks `:status` and `content-type` before anything else."""
+    if http_status is None:
+        return Code.INTERNAL  # "malformed header: missing HTTP status"
+    if http_status != b"200":
+        if not http_status.isdigit():
+            return Code.INTERNAL  # "malformed http-status"
         return _HTTP_CODES.get(http_status, Code.UNKNOWN)
-    return Code.UNKNOWN
+    if content_type is None or not _is_grpc_content_type(content_type):
+        return Code.UNKNOWN  # HTTP 200 has no entry in grpc-go's table
+    return None
+
+
+def _is_grpc_content_type(value: bytes) -> bool:
+    return value == b"application/grpc" or value[:17] in (
+        b"application/grpc+",
+        b"application/grpc;",
+    )
+
+
+def _valid_grpc_status(value: bytes) -> bool:
+    # grpc-go parses it as a 32-bit integer; a longer digit string does not parse.
+    return value.isdigit() and len(value) <= 10 and int(value) < 1 << 31
 
 
 def _decompress(data: bytes, wbits: int, limit: int) -> bytes | None:
