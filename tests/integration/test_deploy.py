@@ -1,0 +1,441 @@
+"""The deployment files checked with the real tools, and the sidecar started exactly as
+the systemd unit and the container image start it.
+
+- promtool on the example Prometheus configs, with the rules and targets laid out as
+  Compose mounts them;
+- systemd-analyze verify and security on the units (skipped where not installed);
+- `kubectl kustomize`, where installed, against the hand-assembled build the unit tests
+  validate;
+- the Dockerfile's install command in a fresh virtualenv;
+- smoke tests: the unit's ExecStart and the image's ENTRYPOINT + CMD, with the config from
+  deploy/, in front of a simulated step-runner, scraped over HTTP.
+
+The smoke tests add only --listen, --upstream and --web.listen-address (SPEC section 6:
+flags override the file) so the sockets live in a temp dir and the port is free; every
+other argument is the deployment file's own.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from exporter.simulator import run_jobs
+from tests.integration.harness import short_tmpdir, simulated_step_runner_thread, wait_until
+from tests.unit.test_deploy_files import (
+    CONFIG_IN_IMAGE,
+    CONFIG_ON_VM,
+    DEPLOY,
+    KUSTOMIZE_DIR,
+    REPO,
+    UNIT_FILE,
+    bind_mounts,
+    compose,
+    console_script,
+    copy_sources,
+    dockerfile_stages,
+    exec_start,
+    final_stage,
+    image_command,
+    image_config_source,
+    kustomization_needs_monitoring,
+    kustomize_build,
+    memory_limit,
+    podmonitor,
+    unit_directives,
+    venv_dir_of_build,
+)
+
+pytestmark = pytest.mark.integration
+
+VENV_BIN = Path(sys.executable).parent
+STARTUP_TIMEOUT = 20.0
+# shutdown.grace_period + final_scrape_wait is the worst case; a scrape ends it sooner.
+STOP_TIMEOUT = 50.0
+
+
+def tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        pytest.skip(f"{name} is not installed on this machine")
+    return path
+
+
+def run(argv: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False, **kwargs)  # type: ignore[call-overload, no-any-return]
+
+
+# --- promtool --------------------------------------------------------------------------
+
+
+def materialize(service: str, root: Path) -> None:
+    """Copy a Compose service's bind mounts to where the container sees them, under root."""
+    for source, target in bind_mounts(service):
+        destination = root / target.lstrip("/")
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        if source.is_dir():
+            shutil.copytree(source, destination)
+        else:
+            shutil.copy(source, destination)
+
+
+def test_promtool_accepts_the_compose_prometheus_with_its_rules_and_targets(
+    tmp_path: Path,
+) -> None:
+    promtool = tool("promtool")
+    materialize("prometheus", tmp_path)
+    config = tmp_path / "etc/prometheus/prometheus.yml"
+    result = run([promtool, "check", "config", str(config)])
+    assert result.returncode == 0, result.stdout + result.stderr
+    output = result.stdout + result.stderr
+    # The rule glob matched the monitoring bundle's file and its rules were checked.
+    assert "rules/step-runner.rules.yml" in output
+    assert "SUCCESS: 0 rules found" not in output
+    assert " rules found" in output
+
+
+@pytest.mark.parametrize("name", ["prometheus.yml", "federation.yml", "remote-write.yml"])
+def test_promtool_accepts_the_example_configs(name: str) -> None:
+    promtool = tool("promtool")
+    result = run([promtool, "check", "config", str(DEPLOY / "prometheus" / name)])
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_promtool_check_can_fail(tmp_path: Path) -> None:
+    promtool = tool("promtool")
+    broken = tmp_path / "prometheus.yml"
+    text = (DEPLOY / "prometheus" / "prometheus.yml").read_text(encoding="utf-8")
+    broken.write_text(text.replace("sample_limit: 1500", "sample_limit: lots"), encoding="utf-8")
+    assert run([promtool, "check", "config", str(broken)]).returncode != 0
+
+
+# --- systemd ---------------------------------------------------------------------------
+
+
+def verify_unit(unit: Path, root: Path) -> subprocess.CompletedProcess[str]:
+    """`systemd-analyze verify` in a scratch root that holds the system's units and an
+    executable at the unit's ExecStart path, so the check covers the command too."""
+    analyze = tool("systemd-analyze")
+    units = root / "etc/systemd/system"
+    units.mkdir(parents=True, exist_ok=True)
+    if not (root / "usr/lib/systemd/system").exists():
+        shutil.copytree("/usr/lib/systemd/system", root / "usr/lib/systemd/system", symlinks=True)
+    shutil.copy(unit, units / unit.name)
+    for start in unit_directives(unit)["Service.ExecStart"]:
+        binary = root / start.split()[0].lstrip("/")
+        binary.parent.mkdir(parents=True, exist_ok=True)
+        binary.write_text("#!/bin/sh\n", encoding="utf-8")
+        binary.chmod(0o755)
+    return run([analyze, "verify", f"--root={root}", unit.name])
+
+
+@pytest.mark.parametrize("name", ["step-runner-exporter.service", "step-runner.service"])
+def test_systemd_analyze_verifies_the_units(name: str, tmp_path: Path) -> None:
+    if not Path("/usr/lib/systemd/system/sysinit.target").exists():
+        pytest.skip("no systemd unit directory to verify against")
+    result = verify_unit(DEPLOY / "systemd" / name, tmp_path)
+    # verify exits 0 on directives it ignores; anything it prints is a problem.
+    assert result.returncode == 0 and not result.stderr.strip(), result.stderr
+
+
+def test_systemd_analyze_verify_can_fail(tmp_path: Path) -> None:
+    if not Path("/usr/lib/systemd/system/sysinit.target").exists():
+        pytest.skip("no systemd unit directory to verify against")
+    broken = tmp_path / "step-runner-exporter.service"
+    text = UNIT_FILE.read_text(encoding="utf-8")
+    broken.write_text(text.replace("ProtectSystem=strict", "ProtectSystem=stricter"), "utf-8")
+    result = verify_unit(broken, tmp_path / "root")
+    assert "stricter" in result.stderr
+
+
+def test_systemd_analyze_rates_the_sandbox_ok() -> None:
+    analyze = tool("systemd-analyze")
+    # 2.0 and below is what systemd-analyze calls "OK"; an unsandboxed unit scores 9.6.
+    result = run([analyze, "security", "--offline=yes", "--threshold=20", str(UNIT_FILE)])
+    if "Unknown option" in result.stderr or "unrecognized option" in result.stderr:
+        pytest.skip(f"this systemd-analyze cannot analyse unit files offline: {result.stderr}")
+    assert result.returncode == 0, result.stdout + result.stderr
+    (verdict,) = [line for line in result.stdout.splitlines() if "Overall exposure level" in line]
+    exposure = float(verdict.split(":")[1].split()[0])
+    assert exposure <= 2.0, verdict
+
+
+# --- kustomize -------------------------------------------------------------------------
+
+
+def test_kubectl_kustomize_builds_what_the_tests_validate() -> None:
+    kubectl = tool("kubectl")
+    kustomization_needs_monitoring()
+    result = run([kubectl, "kustomize", str(KUSTOMIZE_DIR)])
+    if result.returncode != 0 and "unknown command" in result.stderr:
+        pytest.skip("this kubectl has no kustomize")
+    assert result.returncode == 0, result.stderr
+    import yaml
+
+    def key(obj: dict[str, object]) -> str:
+        return json.dumps(obj, sort_keys=True)
+
+    real = sorted((d for d in yaml.safe_load_all(result.stdout) if d), key=key)
+    assert real == sorted(kustomize_build(), key=key)
+
+
+# --- the image's install command ---------------------------------------------------------
+
+
+def test_image_install_command_works_in_a_fresh_virtualenv(tmp_path: Path) -> None:
+    """The build stage on this machine: a context of exactly what it COPYs, a fresh
+    virtualenv where it makes one, and its pip install (with --no-deps: the dependency
+    pins are pyproject's, resolved by every other test)."""
+    build_stage = dockerfile_stages()[0]
+    context = tmp_path / "src"
+    for source, destination in copy_sources(build_stage):
+        target = context / destination.removeprefix("./")
+        if destination.endswith("/") or destination == "./":
+            target = context / Path(source).name
+        if (REPO / source).is_dir():
+            shutil.copytree(REPO / source, target, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(REPO / source, target)
+    venv = tmp_path / "venv"
+    assert run([sys.executable, "-m", "venv", str(venv)]).returncode == 0
+    (install,) = [i.args for i in build_stage if i.keyword == "RUN" and "pip install" in i.args]
+    spec = install.split("pip install", 1)[1].split()[-1].strip("'\"")
+    assert spec == ".[fast]"
+    result = run(
+        [str(venv / "bin/pip"), "install", "--no-deps", "--disable-pip-version-check", spec],
+        cwd=context,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    script = venv / "bin" / console_script()
+    assert script.is_file() and os.access(script, os.X_OK)
+    assert f"{venv_dir_of_build()}/bin/{console_script()}" == image_command()[0]
+    site = next((venv / "lib").glob("python3*/site-packages"))
+    for packaged in ("exporter/cli.py", "exporter/proto/step.proto", "exporter/py.typed"):
+        assert (site / packaged).is_file(), f"{packaged} missing from the installed package"
+
+
+# --- smoke tests ---------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def http_get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, ""
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return 0, ""
+
+
+def samples(text: str) -> list[tuple[str, dict[str, str], float]]:
+    return [
+        (s.name, s.labels, s.value)
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    ]
+
+
+def jobs_by_result(text: str) -> dict[str, int]:
+    return {
+        labels["result"]: int(value)
+        for name, labels, value in samples(text)
+        if name == "step_runner_jobs_total" and value
+    }
+
+
+def replace_paths(argv: list[str], mapping: dict[str, str]) -> list[str]:
+    """The deployment's argv with its in-image/on-host paths pointed at this checkout."""
+    return [mapping.get(arg, arg) for arg in argv]
+
+
+@contextlib.contextmanager
+def sidecar_process(
+    argv: list[str], env: dict[str, str], log: Path, port: int
+) -> Iterator[subprocess.Popen[bytes]]:
+    with log.open("wb") as out:
+        process = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_until(
+            lambda: (
+                process.poll() is not None or http_get(f"http://127.0.0.1:{port}/-/ready")[0] == 200
+            ),
+            STARTUP_TIMEOUT,
+            "the sidecar to be ready",
+        )
+        assert process.poll() is None, log.read_text(errors="replace")
+        yield process
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait(10)
+
+
+def stop_with_final_scrape(process: subprocess.Popen[bytes], port: int, log: Path) -> str:
+    """SIGTERM, as systemd and the kubelet send it; the sidecar keeps /metrics up until
+    scraped once more, then exits 0. Returns that last scrape."""
+    process.send_signal(signal.SIGTERM)
+    last: list[str] = []
+
+    def scraped_and_exited() -> bool:
+        status, text = http_get(f"http://127.0.0.1:{port}/metrics")
+        if status == 200:
+            last.append(text)
+        return process.poll() is not None
+
+    wait_until(scraped_and_exited, STOP_TIMEOUT, "the sidecar to stop after its final scrape")
+    assert process.returncode == 0, log.read_text(errors="replace")
+    assert last, "no scrape succeeded after SIGTERM: the last increments would be lost"
+    return last[-1]
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def check_scrape(text: str, *, jobs: int) -> None:
+    assert sum(jobs_by_result(text).values()) == jobs, jobs_by_result(text)
+    # Within the sample limit Prometheus enforces (podmonitor.yaml, prometheus.yml).
+    assert len(samples(text)) <= podmonitor()["spec"]["sampleLimit"]
+    assert ("step_runner_exporter_upstream_up", {}, 1.0) in [
+        (n, {k: v for k, v in labels.items() if k != "runner"}, v) for n, labels, v in samples(text)
+    ]
+
+
+def test_sidecar_runs_as_the_systemd_unit_starts_it() -> None:
+    argv = exec_start()
+    env = dict(os.environ)
+    for value in unit_directives()["Service.Environment"]:
+        for item in value.split():
+            name, _, setting = item.partition("=")
+            env[name] = setting
+    argv = replace_paths(
+        argv,
+        {
+            argv[0]: str(VENV_BIN / console_script()),
+            CONFIG_ON_VM: str(DEPLOY / "systemd" / "config.yml"),
+        },
+    )
+    assert argv[1:] == ["serve", "--config.file", str(DEPLOY / "systemd" / "config.yml")]
+    port = free_port()
+    with simulated_step_runner_thread() as (sim, loop), short_tmpdir() as directory:
+        listen = f"unix://{directory}/step-runner.sock"
+        relocated = [
+            *argv,
+            *("--listen", listen, "--upstream", sim.listen_address),
+            *("--web.listen-address", f"127.0.0.1:{port}"),
+        ]
+        log = Path(directory) / "sidecar.log"
+        with sidecar_process(relocated, env, log, port) as process:
+            assert http_get(f"http://127.0.0.1:{port}/-/healthy")[0] == 200
+            mix = {"success": 3.0, "step_failure": 1.0}
+            tally = loop.run(run_jobs(listen, 8, concurrency=2, mix=mix, seed=4), timeout=60)
+            assert sum(tally.results.values()) == 8
+            wait_until(
+                lambda: (
+                    jobs_by_result(http_get(f"http://127.0.0.1:{port}/metrics")[1])
+                    == dict(tally.results)
+                ),
+                10,
+                "the sidecar to count every job",
+            )
+            assert rss_bytes(process.pid) < memory_limit(), "MemoryMax / the pod limit is too low"
+            text = stop_with_final_scrape(process, port, log)
+        check_scrape(text, jobs=8)
+        # The VM config's static label is on every series (the SLO groups by it).
+        assert all(labels.get("runner") == "runner-1" for _, labels, _ in samples(text) if labels)
+
+
+def test_sidecar_runs_as_the_container_starts_it_behind_the_compose_demo() -> None:
+    """The image's ENTRYPOINT + CMD on the image's config, between the Compose demo's
+    simulated step-runner and traffic services (their own commands, sockets relocated)."""
+    env = dict(os.environ)
+    for instruction in final_stage():
+        if instruction.keyword == "ENV":
+            for item in instruction.args.split():
+                name, _, value = item.partition("=")
+                if name != "PATH":
+                    env[name] = value
+    argv = replace_paths(
+        image_command(),
+        {
+            image_command()[0]: str(VENV_BIN / console_script()),
+            CONFIG_IN_IMAGE: str(image_config_source()),
+        },
+    )
+    services = compose()["services"]
+    demo = str(DEPLOY / "compose" / "demo_roles.py")
+    port = free_port()
+    with short_tmpdir() as directory:
+        upstream = f"unix://{directory}/upstream.sock"
+        listen = f"unix://{directory}/step-runner.sock"
+
+        def demo_argv(service: str, flag: str, address: str) -> list[str]:
+            command = list(services[service]["command"])
+            command[command.index(flag) + 1] = address
+            assert services[service]["entrypoint"][0] == "python"
+            return [sys.executable, demo, *command]
+
+        simulator = subprocess.Popen(
+            demo_argv("step-runner", "--listen", upstream),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            log = Path(directory) / "sidecar.log"
+            relocated = [
+                *argv,
+                *("--listen", listen, "--upstream", upstream),
+                *("--web.listen-address", f"127.0.0.1:{port}"),
+            ]
+            with sidecar_process(relocated, env, log, port) as process:
+                traffic = demo_argv("traffic", "--target", listen)
+                traffic[traffic.index("--pause") + 1] = "0"
+                result = run([*traffic, "--jobs", "12"])
+                assert result.returncode == 0, result.stderr
+                sent = ast.literal_eval(result.stdout.strip().splitlines()[-1].split(": ", 1)[1])
+                assert sum(sent.values()) == 12
+                wait_until(
+                    lambda: (
+                        sum(
+                            jobs_by_result(http_get(f"http://127.0.0.1:{port}/metrics")[1]).values()
+                        )
+                        == 12
+                    ),
+                    10,
+                    "the sidecar to count every job",
+                )
+                text = stop_with_final_scrape(process, port, log)
+            check_scrape(text, jobs=12)
+            assert set(jobs_by_result(text)) <= {"success", "failed", "cancelled"}
+        finally:
+            simulator.send_signal(signal.SIGTERM)
+            try:
+                assert simulator.wait(10) == 0, "the demo step-runner did not stop on SIGTERM"
+            finally:
+                if simulator.poll() is None:
+                    simulator.kill()
+                    simulator.wait(10)
