@@ -70,8 +70,14 @@ def test_every_scenario_looks_the_same_through_the_sidecar(scenario: str) -> Non
             proxied = await run_job(
                 target(sidecar), scenario, job_id, log_bytes=70_000, log_chunk=3000
             )
-            assert direct.problems() == []
-            assert [_comparable(c) for c in proxied.calls] == [_comparable(c) for c in direct.calls]
+            assert direct.problems() == [] and proxied.problems() == []
+            # Where timing picks between equally right call sequences (a reconnect in
+            # backoff or not), only the calls up to the deciding failure must match.
+            same = 1 if SCENARIOS[scenario].also_calls else len(direct.calls)
+            assert [_comparable(c) for c in proxied.calls[:same]] == [
+                _comparable(c) for c in direct.calls[:same]
+            ]
+            assert len(proxied.calls) == len(direct.calls)
             assert bytes(proxied.log) == bytes(direct.log)
             want = direct.expected
             await async_wait_until(
