@@ -116,6 +116,10 @@ class CallEnded:
     # A response message did not decode as its type: a Go client fails the call with
     # INTERNAL ("failed to unmarshal") whatever the trailers said.
     response_undecodable: bool = False
+    # The server refused the stream unprocessed (REFUSED_STREAM, or above a GOAWAY's
+    # last stream id): grpc-go retries such a call transparently on another stream,
+    # so this attempt is no outcome of the job's call; the retry will be.
+    refused: bool = False
 
 
 class ObserverSink(Protocol):

@@ -67,6 +67,7 @@ _HTTP_CODES: dict[bytes, int] = {
 
 # grpc-go's mapping of a server's RST_STREAM error code (http2ErrConvTab); codes
 # outside it are reported as UNKNOWN.
+_REFUSED_STREAM = 0x7
 _RST_CODES: dict[int, int] = {
     0x0: Code.INTERNAL,  # NO_ERROR
     0x1: Code.INTERNAL,  # PROTOCOL_ERROR
@@ -519,6 +520,9 @@ class ConnectionObserver:
         call = self._calls.get(stream_id)
         if call is None:
             return
+        if error_code == _REFUSED_STREAM:
+            self._end(stream_id, call, Code.UNAVAILABLE, refused=True)
+            return
         code = _RST_CODES.get(error_code, Code.UNKNOWN)
         # grpc-go reports a CANCEL that arrives after its deadline as DEADLINE_EXCEEDED.
         if code == Code.CANCELLED and self._deadline_passed(call):
@@ -529,8 +533,9 @@ class ConnectionObserver:
         _raise_table_limit(self._client_hpack, settings)
 
     def _server_goaway(self, last_stream_id: int, _error_code: int) -> None:
-        # Streams the server never processed fail UNAVAILABLE for the client.
-        self._end_all(lambda stream: stream > last_stream_id, Code.UNAVAILABLE)
+        # Streams the server never processed: UNAVAILABLE on the wire, and retried
+        # transparently by a grpc-go client.
+        self._end_all(lambda stream: stream > last_stream_id, Code.UNAVAILABLE, refused=True)
 
     def _server_hpack_only(self, block: bytes) -> None:
         self._server_hpack.decode(block, raw=True)
@@ -595,7 +600,7 @@ class ConnectionObserver:
     def _deadline_passed(self, call: _Call) -> bool:
         return call.deadline is not None and self._now >= call.deadline - self._tolerance
 
-    def _end(self, stream_id: int, call: _Call, code: int) -> None:
+    def _end(self, stream_id: int, call: _Call, code: int, *, refused: bool = False) -> None:
         del self._calls[stream_id]
         self._sink.call_ended(
             CallEnded(
@@ -607,12 +612,13 @@ class ConnectionObserver:
                 messages_sent=call.resp.count,
                 statuses=call.statuses,
                 response_undecodable=call.undecodable,
+                refused=refused,
             )
         )
 
-    def _end_all(self, which: Callable[[int], bool], code: int) -> None:
+    def _end_all(self, which: Callable[[int], bool], code: int, *, refused: bool = False) -> None:
         for stream_id in sorted(s for s in self._calls if which(s)):
-            self._end(stream_id, self._calls[stream_id], code)
+            self._end(stream_id, self._calls[stream_id], code, refused=refused)
 
 
 def _hpack_decoder() -> Decoder:

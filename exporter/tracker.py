@@ -76,7 +76,7 @@ class JobTracker:
         method = call.method.name
         # Only StepRunner calls that name a job belong to one; list-all Status
         # (empty id) and Cancel's own result decide nothing (SPEC section 3).
-        if not call.method.known or not job_id or method == "Cancel":
+        if not call.method.known or not job_id or method == "Cancel" or call.refused:
             return
         now = self._clock()
         job = self._touch(upstream, job_id, now)

@@ -350,7 +350,9 @@ def test_goaway_ends_the_streams_the_server_never_processed() -> None:
     for stream in (1, 3, 5):
         wire.request(stream, "Run", run_request(f"job-{stream}"))
     wire.server(frame(GOAWAY, 0, 0, struct.pack(">II", 3, 0)))
-    assert [(c.job_id, c.code) for c in wire.ended()] == [("job-5", Code.UNAVAILABLE)]
+    assert [(c.job_id, c.code, c.refused) for c in wire.ended()] == [
+        ("job-5", Code.UNAVAILABLE, True)  # a grpc-go client retries it transparently
+    ]
     wire.respond(1, b"")
     wire.respond(3, b"", code=5)
     wire.server(frame(GOAWAY, 0, 0, struct.pack(">II", 0, 0)))
@@ -381,7 +383,9 @@ def test_server_reset_codes(error_code: int, expected: Code) -> None:
     wire = Wire().start()
     wire.request(1, "Run", run_request(), timeout="1S")
     wire.server(frame(RST_STREAM, 0, 1, struct.pack(">I", error_code)))
-    assert only(wire).code == expected
+    ended = only(wire)
+    assert ended.code == expected
+    assert ended.refused == (error_code == REFUSED_STREAM)
 
 
 def test_server_cancel_after_the_deadline_is_deadline_exceeded() -> None:

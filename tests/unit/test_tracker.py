@@ -199,3 +199,12 @@ def test_activity_refreshes_ttl() -> None:
     clock.now += 50
     t.expire()
     assert rec.evicted == [] and len(t) == 1
+
+
+def test_a_refused_attempt_is_no_outcome_its_transparent_retry_is() -> None:
+    t, rec, _ = tracker()
+    method = Method("proto.StepRunner", "Run", "unary")
+    t.call_ended(UP, CallEnded(method, "1", Code.UNAVAILABLE, 0.0, 1, 0, refused=True))
+    assert rec.decided == []
+    lifecycle(t, "1", c.STATE_SUCCESS)
+    assert [d.outcome for d in rec.decided] == [c.SUCCESS]
