@@ -25,7 +25,8 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy exporter tests
+	$(VENV)/bin/mypy exporter monitoring tests
+	$(PY) -m monitoring.build --check
 
 unit: $(STAMP)
 	$(PY) -m pytest -q tests/unit
