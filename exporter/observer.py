@@ -25,6 +25,7 @@ Decisions worth knowing:
 
 from __future__ import annotations
 
+import functools
 import logging
 import zlib
 from collections.abc import Callable
@@ -47,6 +48,32 @@ from .h2 import MAX_HEADER_BLOCK, SETTINGS_HEADER_TABLE_SIZE, DataFeed, FrameRea
 from .proto import step_pb2
 
 log = logging.getLogger(__name__)
+
+
+def _memoize_huffman() -> None:
+    """Let hpack decode each short Huffman string once.
+
+    GitLab Runner opens a connection per job, so every job's header blocks start from
+    an empty HPACK table and Huffman-code the same few dozen strings (paths, header
+    names, user agent) again; hpack decodes them in pure Python every time, which was
+    the largest share of the observer's CPU per job. Decoding is a pure function of
+    the bytes, so a bounded cache of short strings returns the same results for less.
+    """
+    import hpack.hpack as impl
+    from hpack.huffman_table import decode_huffman as decode
+
+    cached = functools.lru_cache(maxsize=4096)(decode)
+
+    def decode_huffman(huffman_string: bytes | bytearray | memoryview | None) -> bytes:
+        if huffman_string is not None and len(huffman_string) <= 128:
+            return cached(bytes(huffman_string))
+        return decode(huffman_string)
+
+    # hpack's decoder calls the name it imported into its own module.
+    impl.decode_huffman = decode_huffman  # type: ignore[attr-defined]
+
+
+_memoize_huffman()
 
 # The largest HPACK table a peer may make us keep (the Go encoders never use more
 # than 4096 bytes); a bigger table size update stops observation instead.
