@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint unit integration bench soak regen clean
+.PHONY: demo test lint unit integration bench bench-deps prometheus-bin soak regen clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,22 +19,37 @@ prometheus-bin:
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq prometheus >/dev/null; }
 
+# The benchmark (issue 5) builds its Go client and step-runner stand-in from Debian's
+# Go packages in GOPATH mode; `make bench BENCH_ARGS=--quick` for a small run.
+BENCH_DEBS := golang-go golang-google-grpc-dev golang-google-protobuf-dev \
+  golang-github-golang-protobuf-1-5-dev protobuf-compiler protoc-gen-go protoc-gen-go-grpc \
+  libprotobuf-dev
+BENCH_ARGS ?=
+
+bench-deps:
+	@dpkg -s $(BENCH_DEBS) >/dev/null 2>&1 || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $(BENCH_DEBS) >/dev/null; }
+
+bench: $(STAMP) bench-deps
+	$(PY) -m benchmarks.run $(BENCH_ARGS)
+
 demo: $(STAMP)
 	$(VENV)/bin/step-runner-exporter demo
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy exporter monitoring tests
+	$(VENV)/bin/mypy exporter monitoring benchmarks tests
 	$(PY) -m monitoring.build --check
 
 unit: $(STAMP)
 	$(PY) -m pytest -q tests/unit
 
-integration: $(STAMP) prometheus-bin
+integration: $(STAMP) prometheus-bin bench-deps
 	$(PY) -m pytest -q tests/integration
 
-test: $(STAMP) prometheus-bin lint
+test: $(STAMP) prometheus-bin bench-deps lint
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 regen: $(STAMP)

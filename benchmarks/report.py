@@ -1,0 +1,228 @@
+"""The targets of issue 5 as checks, and the results as a table."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from benchmarks.build import REPO
+from benchmarks.measure import DIRECT
+
+Results = dict[str, Any]
+
+
+def machine() -> dict[str, Any]:
+    model = "unknown"
+    with open("/proc/cpuinfo") as cpuinfo:
+        for line in cpuinfo:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    mem_kib = 0
+    with open("/proc/meminfo") as meminfo:
+        for line in meminfo:
+            if line.startswith("MemTotal:"):
+                mem_kib = int(line.split()[1])
+    return {
+        "cores": os.cpu_count(),
+        "cpu_model": model,
+        "memory_gib": round(mem_kib / 1024 / 1024, 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
+        "commit": _git_commit(),
+    }
+
+
+def _git_commit() -> str:
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=REPO, capture_output=True, text=True, check=False
+        ).stdout.strip()
+
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    return commit + ("+dirty" if git("status", "--porcelain") else "")
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    name: str
+    unit: str
+    limit: float
+    at_most: bool  # the value must be <= limit (else >= limit)
+    value: Callable[[Results, str], float | None]
+    # Some checks' limit depends on the run (RSS flatness scales with the warm RSS).
+    limit_from: Callable[[Results, str], float | None] | None = None
+
+
+def _cmp(bench: str, metric: str, field: str) -> Callable[[Results, str], float | None]:
+    def get(results: Results, target: str) -> float | None:
+        found = results["client"].get(bench, {}).get("compare", {}).get(target, {})
+        value = found.get(metric, {}).get(field)
+        return float(value) if value is not None else None
+
+    return get
+
+
+def _get(section: str, *path: str) -> Callable[[Results, str], float | None]:
+    def get(results: Results, target: str) -> float | None:
+        node: Any = results.get(section, {}).get(target)
+        for key in path:
+            if not isinstance(node, dict):
+                return None
+            node = node.get(key)
+        return node if isinstance(node, int | float) else None
+
+    return get
+
+
+CHECKS: tuple[Check, ...] = (
+    Check("Status c1 p50 added", "us", 75, True, _cmp("status_c1", "p50_us", "added")),
+    Check("Status c1 p99 added", "us", 500, True, _cmp("status_c1", "p99_us", "added")),
+    Check("jobs/s c16 vs direct", "x", 0.75, False, _cmp("jobs_c16", "jobs_per_s", "ratio")),
+    Check("FollowLogs 128 B vs direct", "x", 0.80, False, _cmp("logs_128", "mb_per_s", "ratio")),
+    Check("FollowLogs 4 KiB vs direct", "x", 0.85, False, _cmp("logs_4k", "mb_per_s", "ratio")),
+    Check("FollowLogs 32 KiB vs direct", "x", 0.85, False, _cmp("logs_32k", "mb_per_s", "ratio")),
+    Check("CPU per job", "us", 150, True, _get("resources", "cpu_us_per_job")),
+    Check("RSS after the jobs", "MiB", 80, True, _get("resources", "rss_mib")),
+    Check(
+        "RSS growth after warm-up",
+        "MiB",
+        0,
+        True,
+        _get("resources", "rss_growth_after_warmup_mib"),
+        _get("resources", "rss_flat_limit_mib"),
+    ),
+    Check("/metrics render p50 (text)", "ms", 5, True, _get("metrics", "text", "p50_ms")),
+    Check(
+        "/metrics render p50 (OpenMetrics)", "ms", 5, True, _get("metrics", "openmetrics", "p50_ms")
+    ),
+    Check("start to /-/ready (median)", "s", 1, True, _get("ready", "median_s")),
+)
+
+
+def evaluate(results: Results) -> list[dict[str, Any]]:
+    out = []
+    for target in results["targets"]:
+        if target == DIRECT:
+            continue
+        for check in CHECKS:
+            value = check.value(results, target)
+            limit = check.limit_from(results, target) if check.limit_from else check.limit
+            if value is None or limit is None:
+                continue
+            ok = value <= limit if check.at_most else value >= limit
+            out.append(
+                {
+                    "target": target,
+                    "check": check.name,
+                    "value": value,
+                    "limit": limit,
+                    "unit": check.unit,
+                    "at_most": check.at_most,
+                    "pass": ok,
+                }
+            )
+    return out
+
+
+def _fmt(value: float) -> str:
+    if abs(value) >= 1000:
+        return f"{value:,.0f}"
+    if abs(value) >= 100:
+        return f"{value:.0f}"
+    return f"{value:.1f}" if abs(value) >= 10 else f"{value:.2f}"
+
+
+def _versus(entry: dict[str, Any]) -> str:
+    if entry["latency"]:
+        unit = entry["unit"].split()[-1]
+        return f"{'+' if entry['added'] >= 0 else ''}{_fmt(entry['added'])} {unit}"
+    return f"{entry['ratio']:.2f}x"
+
+
+def client_table(results: Results) -> list[str]:
+    others = [t for t in results["targets"] if t != DIRECT]
+    head = f"{'benchmark':<12} {'metric':<11} {'direct':>10}"
+    for t in others:
+        head += f" {t:>10} {t + ' vs direct':>18}"
+    lines = [head, "-" * len(head)]
+    for name, bench in results["client"].items():
+        first = True
+        for key, direct_entry in bench["compare"][others[0]].items():
+            row = f"{name if first else '':<12} {direct_entry['unit']:<11}"
+            row += f" {_fmt(direct_entry['direct']):>10}"
+            for t in others:
+                entry = bench["compare"][t][key]
+                row += f" {_fmt(entry['value']):>10} {_versus(entry):>18}"
+            lines.append(row)
+            first = False
+    return lines
+
+
+def other_lines(results: Results) -> list[str]:
+    lines = []
+    for t, r in results.get("resources", {}).items():
+        lines.append(
+            f"{t}: {r['cpu_seconds_per_1000_jobs']:.3f} CPU s per 1000 jobs "
+            f"({r['cpu_us_per_job']:.0f} us/job) over {r['jobs']} jobs at c16; "
+            f"RSS {r['rss_mib']:.1f} MiB at the end, {r['rss_after_warmup_mib']:.1f} MiB "
+            f"after warm-up ({r['rss_growth_after_warmup_mib']:+.1f} MiB); "
+            f"samples {r['rss_samples_mib']}"
+        )
+    for t, m in results.get("metrics", {}).items():
+        for fmt, r in m.items():
+            lines.append(
+                f"{t}: /metrics ({fmt}) p50 {r['p50_ms']:.2f} ms, p90 {r['p90_ms']:.2f} ms, "
+                f"max {r['max_ms']:.2f} ms over {r['gets']} GETs; {r['series']} series, "
+                f"{r['bytes']} bytes"
+            )
+    for t, r in results.get("ready", {}).items():
+        lines.append(
+            f"{t}: start to /-/ready {r['median_s'] * 1000:.0f} ms median, "
+            f"{r['max_s'] * 1000:.0f} ms max over {r['starts']} starts"
+        )
+    for t, a in results.get("accounting", {}).items():
+        if not a["checked"]:
+            lines.append(f"{t}: exports no step_runner_jobs_total; accounting not checked")
+        else:
+            verdict = "match" if a["match"] else "MISMATCH"
+            lines.append(f"{t}: jobs counted {a['counted']} vs run {a['expected']}: {verdict}")
+    return lines
+
+
+def check_lines(checks: list[dict[str, Any]]) -> list[str]:
+    lines = []
+    for c in checks:
+        op = "<=" if c["at_most"] else ">="
+        value = f"{_fmt(c['value'])} {c['unit']}"
+        target = f"{op} {_fmt(c['limit'])} {c['unit']}"
+        lines.append(
+            f"{'PASS' if c['pass'] else 'MISS'}  {c['target']:<8} {c['check']:<34} "
+            f"{value:>14}   (target {target})"
+        )
+    return lines
+
+
+def render(results: Results) -> str:
+    m = results["machine"]
+    lines = [
+        f"step-runner-exporter benchmark ({results['profile']['name']}, "
+        f"{results['profile']['rounds']} interleaved rounds (x3 for FollowLogs), median of rounds; "
+        "ratios and added times are medians of per-round pairs)",
+        f"machine: {m['cores']} cores, {m['cpu_model']}, {m['memory_gib']} GiB, "
+        f"Linux {m['kernel']}, load {m['loadavg_at_start']} at start; "
+        f"Python {m['python']}; {results['toolchain']}; commit {m['commit']}",
+        f"command: {results['command']}",
+        "",
+    ]
+    if results["client"]:
+        lines += [*client_table(results), ""]
+    lines += other_lines(results)
+    if results["checks"]:
+        lines += ["", "targets of issue 5:", *check_lines(results["checks"])]
+    return "\n".join(lines)
