@@ -20,6 +20,9 @@ from prometheus_client.exposition import choose_encoder
 
 log = logging.getLogger("exporter.web")
 
+# TLS handshake and idle time allowed to one web connection.
+REQUEST_TIMEOUT = 30.0
+
 LANDING = b"""<html><head><title>step-runner-exporter</title></head><body>
 <h1>step-runner-exporter</h1><p><a href="%s">Metrics</a></p></body></html>
 """
@@ -47,7 +50,12 @@ class WebServer:
         self._scraped = threading.Condition()
         self._httpd = _Server((host, port), _Handler, self)
         if tls is not None:
-            self._httpd.socket = tls.wrap_socket(self._httpd.socket, server_side=True)
+            # The handshake happens in the request's thread (see _Server.finish_request):
+            # done in accept(), one client that never sends a ClientHello would stall
+            # every scrape and shutdown.
+            self._httpd.socket = tls.wrap_socket(
+                self._httpd.socket, server_side=True, do_handshake_on_connect=False
+            )
         self._thread: threading.Thread | None = None
 
     @property
@@ -89,6 +97,12 @@ class _Server(ThreadingHTTPServer):
         self.web = web
         super().__init__(address, handler)
 
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        if isinstance(request, ssl.SSLSocket):
+            request.settimeout(REQUEST_TIMEOUT)
+            request.do_handshake()
+        super().finish_request(request, client_address)
+
     def handle_error(self, request: Any, client_address: Any) -> None:
         # A client dropping mid-response or failing the TLS handshake is not our error.
         log.debug("web request from %s failed", client_address, exc_info=True)
@@ -98,6 +112,8 @@ class _Handler(BaseHTTPRequestHandler):
     server: _Server
     server_version = "step-runner-exporter"
     protocol_version = "HTTP/1.1"
+    # A client that stops sending or reading holds one thread only this long.
+    timeout = REQUEST_TIMEOUT
 
     def do_GET(self) -> None:
         web = self.server.web

@@ -169,7 +169,9 @@ def test_client_deadline_reaches_the_upstream() -> None:
                     elapsed = time.monotonic() - started
                     assert result.code == "DeadlineExceeded"
                     assert 0.45 <= elapsed < 2.0
-                    assert seen and seen[0] is not None and 0 < seen[0] <= 0.5
+                    # The upstream got the client's deadline (grpc-timeout rounds up
+                    # to its units, so a hair over 0.5 s is fine; none would be None).
+                    assert seen and seen[0] is not None and 0.2 < seen[0] <= 0.55
                     failure = (
                         "script_failure",
                         "grpc_status",
