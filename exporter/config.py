@@ -20,31 +20,16 @@ from typing import Literal, TypeVar
 
 import yaml
 
+from .metrics import RESERVED_LABELS
+
 KeyPath = tuple[str, ...]
 # Line (1-based) of every key in a YAML document, by key path; () is the document.
 Marks = Mapping[KeyPath, int]
 
 T = TypeVar("T")
 
-# Labels the exporter's own metrics use (SPEC section 4) plus Prometheus' histogram
-# and summary labels: a static label with one of these names would clash.
-RESERVED_LABEL_NAMES: frozenset[str] = frozenset(
-    {
-        "result",
-        "failure_reason",
-        "source",
-        "kind",
-        "category",
-        "grpc_type",
-        "grpc_service",
-        "grpc_method",
-        "grpc_code",
-        "message",
-        "version",
-        "le",
-        "quantile",
-    }
-)
+# Static label names that would clash with a metric's own labels (kept with the metrics).
+RESERVED_LABEL_NAMES = RESERVED_LABELS
 
 RESERVED_METRICS_PATHS = ("/-/healthy", "/-/ready")
 LOG_LEVELS = ("debug", "info", "warning", "error")

@@ -43,9 +43,13 @@ class MetricName(StrEnum):
     EVICTED_JOBS = "step_runner_exporter_evicted_jobs_total"
 
 
-# Labels every metric of ours may carry: static config labels must not clash with them.
+# Labels our metrics carry, histograms and summaries add, or Prometheus attaches to
+# every target (`job`, `instance`: a static label of that name would be renamed
+# exported_*): static config labels must not use them.
 RESERVED_LABELS = frozenset(
     {
+        "job",
+        "instance",
         "result",
         "failure_reason",
         "source",
