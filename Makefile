@@ -56,6 +56,12 @@ integration: $(STAMP) prometheus-bin bench-deps
 test: $(STAMP) prometheus-bin bench-deps lint
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
+# 100,000 simulated jobs with periodic step-runner restarts: exact counts, bounded
+# tracking, flat memory (minutes; `SOAK_ARGS=--short` for a few seconds).
+SOAK_ARGS ?= --jobs 100000
+soak: $(STAMP)
+	$(PY) -m tests.soak $(SOAK_ARGS)
+
 regen: $(STAMP)
 	$(PY) -m exporter.proto.regenerate
 

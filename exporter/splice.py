@@ -284,6 +284,7 @@ class Splice:
         self._max_connections = max_connections
         self._connect_timeout = connect_timeout
         self._server: asyncio.Server | None = None
+        self._socket_file: tuple[int, int] | None = None  # (st_dev, st_ino) we created
         self._pairs: set[_Pair] = set()
         self._upstream_up: bool | None = None
         self.loop = asyncio.get_running_loop()
@@ -302,6 +303,8 @@ class Splice:
             sock = bind_unix_socket(
                 self.listen.path, self._socket_mode, self._socket_owner, self._socket_group
             )
+            st = os.lstat(self.listen.path)
+            self._socket_file = (st.st_dev, st.st_ino)
             self._server = await self.loop.create_unix_server(factory, sock=sock, backlog=1024)
         else:
             self._server = await self.loop.create_server(
@@ -359,9 +362,15 @@ class Splice:
     async def stop_accepting(self) -> None:
         if self._server is not None:
             self._server.close()
-            if self.listen.path is not None:
+            path, created = self.listen.path, self._socket_file
+            if path is not None and created is not None:
+                # Only the socket file we bound: whatever replaced it while we ran
+                # (a new instance's socket, a file, a symlink) is not ours to delete.
                 with contextlib.suppress(OSError):
-                    os.unlink(self.listen.path)
+                    st = os.lstat(path)
+                    if (st.st_dev, st.st_ino) == created:
+                        os.unlink(path)
+                self._socket_file = None
 
     async def drain(self, grace: float) -> int:
         """Wait up to `grace` seconds for open connections to end, then cut the rest.
