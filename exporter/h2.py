@@ -40,6 +40,9 @@ _FRAME_HEADER = struct.Struct(">BHBBI")
 _U32 = struct.Struct(">I")
 _U32_PAIR = struct.Struct(">II")
 _SETTING = struct.Struct(">HI")
+_PREFACE_LEN = len(PREFACE)
+# HEADERS flags that the fast path leaves to the general one.
+_BLOCK_FLAGS = FLAG_END_HEADERS | FLAG_PADDED | FLAG_PRIORITY
 
 # Walker states.
 _HEAD = 0  # collecting the 9-byte frame header
@@ -128,10 +131,58 @@ class FrameReader:
         mv = memoryview(data)
         end = len(mv)
         pos = 0
-        if self._preface_seen < len(PREFACE):
+        if self._preface_seen < _PREFACE_LEN:
             pos = self._check_preface(mv)
+        if self._state != _HEAD or self._buf:
+            pos = self._resume(mv, pos, end)
+        # The common case, frames that arrive whole, is dispatched here with as little
+        # per-frame work as possible; anything split over reads goes through _resume.
+        unpack = _FRAME_HEADER.unpack_from
         while pos < end:
-            if self._state == _PASS:
+            if end - pos < 9:
+                self._buf += mv[pos:end]
+                return
+            hi, lo, ftype, flags, stream = unpack(mv, pos)
+            stream &= 0x7FFFFFFF
+            length = (hi << 16) | lo
+            body = pos + 9
+            stop = body + length
+            if self._block is not None and (ftype != CONTINUATION or stream != self._block_stream):
+                raise H2Error("header block interrupted")
+            if stop > end or ftype > CONTINUATION:
+                self._head(mv, pos)
+                pos = self._resume(mv, body, end)
+                continue
+            # By frequency in gRPC traffic: grpc-go pings (BDP estimation) and
+            # window updates are as frequent as DATA and HEADERS.
+            if ftype == DATA and not flags & FLAG_PADDED:
+                if not stream:
+                    raise H2Error("DATA on stream 0")
+                target = self._data_target(stream)
+                if target is not None and length:
+                    target(mv[body:stop])
+                if flags & FLAG_END_STREAM:
+                    self._on_data_end(stream)
+            elif ftype == PING:
+                if length != 8 or stream:
+                    raise H2Error("bad PING")
+            elif ftype == HEADERS and flags & _BLOCK_FLAGS == FLAG_END_HEADERS:
+                if not stream:
+                    raise H2Error("HEADERS on stream 0")
+                self._on_headers(stream, bytes(mv[body:stop]), bool(flags & FLAG_END_STREAM))
+            elif ftype == WINDOW_UPDATE:
+                if length != 4:
+                    raise H2Error("bad WINDOW_UPDATE")
+            else:
+                self._frame(ftype, flags, stream, mv[body:stop])
+            pos = stop
+
+    def _resume(self, mv: memoryview, pos: int, end: int) -> int:
+        """Carry the frame in progress on with mv[pos:end]; returns where it ended
+        (end when it still is not complete)."""
+        while pos < end:
+            state = self._state
+            if state == _PASS:
                 take = min(self._left, end - pos)
                 target = self._target
                 if target is not None:
@@ -140,27 +191,26 @@ class FrameReader:
                 self._left -= take
                 if not self._left:
                     self._passed()
+                    return pos
                 continue
             buf = self._buf
-            need = self._need - len(buf)
-            if buf or end - pos < need:
-                take = min(need, end - pos)
-                buf += mv[pos : pos + take]
-                pos += take
-                if take < need:
-                    return
-                # Hand the buffer over instead of copying it out.
-                self._buf = bytearray()
-                chunk, start, size = memoryview(buf), 0, len(buf)
-            else:
-                chunk, start, size = mv, pos, need
-                pos += need
-            if self._state == _HEAD:
-                self._head(chunk, start)
+            if state == _HEAD and not buf:
+                return pos
+            take = min(self._need - len(buf), end - pos)
+            buf += mv[pos : pos + take]
+            pos += take
+            if len(buf) < self._need:
+                return pos
+            # Hand the buffer over instead of copying it out.
+            self._buf = bytearray()
+            if state == _HEAD:
+                self._head(memoryview(buf), 0)
             else:
                 self._state = _HEAD
                 self._need = 9
-                self._frame(chunk[start : start + size])
+                self._frame(self._type, self._flags, self._stream, memoryview(buf))
+                return pos
+        return pos
 
     def _check_preface(self, mv: memoryview) -> int:
         seen = self._preface_seen
@@ -193,7 +243,7 @@ class FrameReader:
         elif length:
             self._state, self._need = _BODY, length
         else:
-            self._frame(memoryview(b""))
+            self._frame(ftype, flags, stream, memoryview(b""))
 
     def _passed(self) -> None:
         self._state = _HEAD
@@ -202,8 +252,7 @@ class FrameReader:
         if self._type == DATA and self._flags & FLAG_END_STREAM:
             self._on_data_end(self._stream)
 
-    def _frame(self, payload: memoryview) -> None:
-        ftype, flags, stream = self._type, self._flags, self._stream
+    def _frame(self, ftype: int, flags: int, stream: int, payload: memoryview) -> None:
         if ftype == HEADERS:
             if not stream:
                 raise H2Error("HEADERS on stream 0")
@@ -212,7 +261,7 @@ class FrameReader:
                 if len(fragment) < 5:
                     raise H2Error("HEADERS priority truncated")
                 fragment = fragment[5:]
-            self._start_block(fragment, stream, bool(flags & FLAG_END_STREAM), push=False)
+            self._start_block(fragment, stream, flags, push=False)
         elif ftype == CONTINUATION:
             block = self._block
             if block is None:
@@ -256,7 +305,7 @@ class FrameReader:
             fragment = _unpad(payload, flags)
             if len(fragment) < 4 or not stream:
                 raise H2Error("bad PUSH_PROMISE")
-            self._start_block(fragment[4:], stream, False, push=True)
+            self._start_block(fragment[4:], stream, flags & ~FLAG_END_STREAM, push=True)
 
     def _settings(self, payload: memoryview, flags: int, stream: int) -> None:
         if stream:
@@ -270,11 +319,10 @@ class FrameReader:
             raise H2Error("SETTINGS length not a multiple of 6")
         self._on_settings(False, [s for s in _SETTING.iter_unpack(payload)])
 
-    def _start_block(
-        self, fragment: memoryview, stream: int, end_stream: bool, *, push: bool
-    ) -> None:
-        self._block_stream, self._block_end_stream, self._block_push = stream, end_stream, push
-        if self._flags & FLAG_END_HEADERS:
+    def _start_block(self, fragment: memoryview, stream: int, flags: int, *, push: bool) -> None:
+        self._block_stream, self._block_push = stream, push
+        self._block_end_stream = bool(flags & FLAG_END_STREAM)
+        if flags & FLAG_END_HEADERS:
             self._end_block(bytes(fragment))
         else:
             self._block = bytearray(fragment)

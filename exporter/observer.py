@@ -28,7 +28,7 @@ from __future__ import annotations
 import functools
 import logging
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from google.protobuf.message import Message
@@ -45,6 +45,7 @@ from .events import (
     normalize_code,
 )
 from .h2 import MAX_HEADER_BLOCK, SETTINGS_HEADER_TABLE_SIZE, DataFeed, FrameReader, H2Error
+from .hpack_cache import BlockCache, CachedDecoder
 from .proto import step_pb2
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,11 @@ def _memoize_huffman() -> None:
 
 
 _memoize_huffman()
+
+# The server's header blocks repeat exactly from one job's connection to the next
+# (the client's do not: each request carries a fresh grpc-timeout), so the server
+# direction decodes through one memo shared by every connection of the process.
+SERVER_BLOCKS = BlockCache(max_header_list_size=MAX_HEADER_BLOCK)
 
 # The largest HPACK table a peer may make us keep (the Go encoders never use more
 # than 4096 bytes); a bigger table size update stops observation instead.
@@ -193,11 +199,15 @@ class _Messages:
                     flag = mv[pos]
                     length = int.from_bytes(mv[pos + 1 : pos + 5])
                     pos += 5
-                    if not self._countable(flag, length, mv, pos, min(end, pos + length)):
-                        self._begin(flag, length)
-                    elif length <= end - pos:  # the hot path: a whole log message
+                    stop = pos + length
+                    if stop <= end:  # the hot path: the whole message is at hand
                         self.count += 1
-                        pos += length
+                        if not self._countable(flag, length, mv, pos, stop):
+                            message = bytes(mv[pos:stop]) if length <= self._max else None
+                            self._on_message(self._stream_id, message, flag)
+                        pos = stop
+                    elif not self._countable(flag, length, mv, pos, end):
+                        self._begin(flag, length)
                     else:
                         self._flag, self._length = flag, length
                         self._left = length - (end - pos)
@@ -341,6 +351,7 @@ class ConnectionObserver:
         "_methods",
         "_now",
         "_server",
+        "_server_decode",
         "_server_hpack",
         "_sink",
         "_tolerance",
@@ -353,15 +364,12 @@ class ConnectionObserver:
         package: str = "proto",
         max_message_bytes: int = 4 * 1024 * 1024,
         deadline_tolerance: float = 0.020,
+        server_blocks: BlockCache | None = SERVER_BLOCKS,
     ) -> None:
         self._sink = sink
         self._max_message = max_message_bytes
         self._tolerance = deadline_tolerance
-        service = f"{package}.StepRunner"
-        self._methods: dict[bytes, Method] = {
-            f"/{service}/{name}".encode(): Method(service, name, grpc_type)
-            for name, grpc_type in STEP_RUNNER_METHODS.items()
-        }
+        self._methods = _service_methods(package)
         self._calls: dict[int, _Call] = {}
         self._last_client_stream = 0
         self._now = 0.0
@@ -369,7 +377,14 @@ class ConnectionObserver:
         self._closed = False
         # Each decoder reads the blocks one side's encoder wrote.
         self._client_hpack = _hpack_decoder()
-        self._server_hpack = _hpack_decoder()
+        self._server_hpack: Decoder | CachedDecoder
+        self._server_decode: Callable[[bytes], Iterable[tuple[bytes, bytes]]]
+        if server_blocks is None:
+            self._server_hpack = _hpack_decoder()
+            self._server_decode = functools.partial(self._server_hpack.decode, raw=True)
+        else:
+            self._server_hpack = CachedDecoder(server_blocks)
+            self._server_decode = self._server_hpack.decode
         self._client = FrameReader(
             preface=True,
             on_headers=self._request_headers,
@@ -508,7 +523,7 @@ class ConnectionObserver:
     # -- server to client ---------------------------------------------------------
 
     def _response_headers(self, stream_id: int, block: bytes, end_stream: bool) -> None:
-        headers = self._server_hpack.decode(block, raw=True)
+        headers = self._server_decode(block)
         call = self._calls.get(stream_id)
         if call is None:
             return
@@ -565,7 +580,7 @@ class ConnectionObserver:
         self._end_all(lambda stream: stream > last_stream_id, Code.UNAVAILABLE, refused=True)
 
     def _server_hpack_only(self, block: bytes) -> None:
-        self._server_hpack.decode(block, raw=True)
+        self._server_decode(block)
 
     def _response_message(self, stream_id: int, data: bytes | None, flag: int) -> None:
         call = self._calls.get(stream_id)
@@ -648,12 +663,23 @@ class ConnectionObserver:
             self._end(stream_id, self._calls[stream_id], code, refused=refused)
 
 
+@functools.lru_cache(maxsize=8)
+def _service_methods(package: str) -> dict[bytes, Method]:
+    """The StepRunner methods by request path, shared read-only by every connection
+    (one Method object per method keeps the metrics' lookups by identity)."""
+    service = f"{package}.StepRunner"
+    return {
+        f"/{service}/{name}".encode(): Method(service, name, grpc_type)
+        for name, grpc_type in STEP_RUNNER_METHODS.items()
+    }
+
+
 def _hpack_decoder() -> Decoder:
     # As large as grpc-go accepts, so that metadata a peer takes never stops us.
     return Decoder(max_header_list_size=MAX_HEADER_BLOCK)
 
 
-def _raise_table_limit(decoder: Decoder, settings: list[tuple[int, int]]) -> None:
+def _raise_table_limit(decoder: Decoder | CachedDecoder, settings: list[tuple[int, int]]) -> None:
     """Apply SETTINGS_HEADER_TABLE_SIZE to the decoder of the other side's encoder.
 
     The limit only bounds the size updates the encoder may send; the table itself
