@@ -67,6 +67,8 @@ class FrameReader:
       CONTINUATIONs, padding and priority removed).
     - on_push_promise(block): a PUSH_PROMISE header block, only for HPACK state.
     - data_target(stream_id): where the DATA payload of that stream goes, or None.
+      Asked once for a run of DATA frames of one stream read together, so its
+      answer must not change while that target is being fed.
     - on_data_end(stream_id): a DATA frame with END_STREAM was fully read.
     - on_rst_stream(stream_id, error_code), on_goaway(last_stream_id, error_code).
     - on_settings(ack, [(identifier, value), ...]).
@@ -138,6 +140,9 @@ class FrameReader:
         # The common case, frames that arrive whole, is dispatched here with as little
         # per-frame work as possible; anything split over reads goes through _resume.
         unpack = _FRAME_HEADER.unpack_from
+        # A stream's DATA frames come in runs (a log streams in many): its target is
+        # looked up once per run. Any other frame may change it, and ends the run.
+        run_stream, run_target = -1, None
         while pos < end:
             if end - pos < 9:
                 self._buf += mv[pos:end]
@@ -152,18 +157,24 @@ class FrameReader:
             if stop > end or ftype > CONTINUATION:
                 self._head(mv, pos)
                 pos = self._resume(mv, body, end)
+                run_stream = -1
                 continue
             # By frequency in gRPC traffic: grpc-go pings (BDP estimation) and
             # window updates are as frequent as DATA and HEADERS.
             if ftype == DATA and not flags & FLAG_PADDED:
-                if not stream:
-                    raise H2Error("DATA on stream 0")
-                target = self._data_target(stream)
-                if target is not None and length:
-                    target(mv[body:stop])
+                if stream != run_stream:
+                    if not stream:
+                        raise H2Error("DATA on stream 0")
+                    run_stream, run_target = stream, self._data_target(stream)
+                if run_target is not None and length:
+                    run_target(mv[body:stop])
                 if flags & FLAG_END_STREAM:
+                    run_stream = -1
                     self._on_data_end(stream)
-            elif ftype == PING:
+                pos = stop
+                continue
+            run_stream = -1
+            if ftype == PING:
                 if length != 8 or stream:
                     raise H2Error("bad PING")
             elif ftype == HEADERS and flags & _BLOCK_FLAGS == FLAG_END_HEADERS:

@@ -17,6 +17,10 @@ Decisions worth knowing:
   would forge job failures. The `decode_errors_total{message="http2"}` count says so.
 - Observation also stops for good at `connection_lost`: the splice calls it once the
   connection is over, so nothing that arrives later can belong to an open call.
+- HPACK blocks are decoded by the `hpack` library, through a memo shared by the
+  connections of the process (exporter.hpack_cache): GitLab Runner opens a
+  connection per job, so the same blocks come again from the same table states, and
+  the memo hands back exactly what the library decoded the first times.
 - Codes are what a current grpc-go client reports: first response HEADERS that are
   not gRPC's (`:status` other than 200, no gRPC content-type) end the call at once
   with grpc-go's HTTP mapping, a server RST_STREAM maps like http2ErrConvTab, a
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import struct
 import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -76,9 +81,10 @@ def _memoize_huffman() -> None:
 
 _memoize_huffman()
 
-# The server's header blocks repeat exactly from one job's connection to the next
-# (the client's do not: each request carries a fresh grpc-timeout), so the server
-# direction decodes through one memo shared by every connection of the process.
+# Header blocks repeat from one job's connection to the next (the client's but for
+# their grpc-timeout values), so each direction decodes through one memo shared by
+# every connection of the process.
+CLIENT_BLOCKS = BlockCache(max_header_list_size=MAX_HEADER_BLOCK)
 SERVER_BLOCKS = BlockCache(max_header_list_size=MAX_HEADER_BLOCK)
 
 # The largest HPACK table a peer may make us keep (the Go encoders never use more
@@ -151,6 +157,7 @@ KEEP_ALL = 1  # buffer it (up to the size limit) and hand it on
 KEEP_LOG = 2  # FollowLogsResponse: buffer only if it is not the plain one-field shape
 
 _PEEK = 11  # tag byte + the longest varint
+_PREFIX = struct.Struct(">BI")  # gRPC message prefix: compressed flag, length
 
 # (stream id, message bytes or None when over the size limit, compressed flag). By
 # stream id, not by call, so that a finished call is not kept alive by its buffers.
@@ -196,13 +203,18 @@ class _Messages:
             if left < 0:
                 hdr = self._hdr
                 if not hdr and end - pos >= 5:
-                    flag = mv[pos]
-                    length = int.from_bytes(mv[pos + 1 : pos + 5])
+                    flag, length = _PREFIX.unpack_from(mv, pos)
                     pos += 5
                     stop = pos + length
                     if stop <= end:  # the hot path: the whole message is at hand
                         self.count += 1
-                        if not self._countable(flag, length, mv, pos, stop):
+                        keep = self.keep
+                        # _countable, inline: this runs for every CI log message.
+                        if keep != KEEP_NONE and (
+                            keep != KEEP_LOG
+                            or flag
+                            or (length and not _plain_bytes_field(mv, pos, stop, length))
+                        ):
                             message = bytes(mv[pos:stop]) if length <= self._max else None
                             self._on_message(self._stream_id, message, flag)
                         pos = stop
@@ -292,6 +304,13 @@ def _plain_bytes_field(buf: bytearray | memoryview, start: int, stop: int, lengt
     field 1 (`0a <varint n> <n bytes>`), judged from buf[start:stop]."""
     if start >= stop or buf[start] != 0x0A:
         return False
+    # Lengths below 16 KiB (one or two varint bytes) without the general loop.
+    if start + 2 < stop:
+        first, second = buf[start + 1], buf[start + 2]
+        if first < 0x80:
+            return 2 + first == length
+        if second < 0x80:
+            return 3 + ((first & 0x7F) | (second << 7)) == length
     value = shift = 0
     i = start + 1
     while i < stop and shift < 70:
@@ -343,6 +362,7 @@ class ConnectionObserver:
     __slots__ = (
         "_calls",
         "_client",
+        "_client_decode",
         "_client_hpack",
         "_closed",
         "_failed",
@@ -364,6 +384,7 @@ class ConnectionObserver:
         package: str = "proto",
         max_message_bytes: int = 4 * 1024 * 1024,
         deadline_tolerance: float = 0.020,
+        client_blocks: BlockCache | None = CLIENT_BLOCKS,
         server_blocks: BlockCache | None = SERVER_BLOCKS,
     ) -> None:
         self._sink = sink
@@ -376,15 +397,8 @@ class ConnectionObserver:
         self._failed = False
         self._closed = False
         # Each decoder reads the blocks one side's encoder wrote.
-        self._client_hpack = _hpack_decoder()
-        self._server_hpack: Decoder | CachedDecoder
-        self._server_decode: Callable[[bytes], Iterable[tuple[bytes, bytes]]]
-        if server_blocks is None:
-            self._server_hpack = _hpack_decoder()
-            self._server_decode = functools.partial(self._server_hpack.decode, raw=True)
-        else:
-            self._server_hpack = CachedDecoder(server_blocks)
-            self._server_decode = self._server_hpack.decode
+        self._client_hpack, self._client_decode = _hpack_decoder(client_blocks)
+        self._server_hpack, self._server_decode = _hpack_decoder(server_blocks)
         self._client = FrameReader(
             preface=True,
             on_headers=self._request_headers,
@@ -456,7 +470,7 @@ class ConnectionObserver:
     # -- client to server ---------------------------------------------------------
 
     def _request_headers(self, stream_id: int, block: bytes, end_stream: bool) -> None:
-        headers = self._client_hpack.decode(block, raw=True)
+        headers = self._client_decode(block)
         # Only a new client stream starts a call; trailers or a reused id do not.
         if stream_id <= self._last_client_stream or not stream_id & 1:
             return
@@ -503,7 +517,7 @@ class ConnectionObserver:
         _raise_table_limit(self._server_hpack, settings)
 
     def _client_hpack_only(self, block: bytes) -> None:
-        self._client_hpack.decode(block, raw=True)
+        self._client_decode(block)
 
     def _request_message(self, stream_id: int, data: bytes | None, flag: int) -> None:
         call = self._calls.get(stream_id)
@@ -665,8 +679,8 @@ class ConnectionObserver:
 
 @functools.lru_cache(maxsize=8)
 def _service_methods(package: str) -> dict[bytes, Method]:
-    """The StepRunner methods by request path, shared read-only by every connection
-    (one Method object per method keeps the metrics' lookups by identity)."""
+    """The StepRunner methods by request path: built once, shared read-only by
+    every connection."""
     service = f"{package}.StepRunner"
     return {
         f"/{service}/{name}".encode(): Method(service, name, grpc_type)
@@ -674,9 +688,17 @@ def _service_methods(package: str) -> dict[bytes, Method]:
     }
 
 
-def _hpack_decoder() -> Decoder:
+_Decode = Callable[[bytes], Iterable[tuple[bytes, bytes]]]
+
+
+def _hpack_decoder(memo: BlockCache | None) -> tuple[Decoder | CachedDecoder, _Decode]:
+    """One direction's decoder (for its table allowance) and its decode(block)."""
+    if memo is not None:
+        decoder = CachedDecoder(memo)
+        return decoder, decoder.decode
     # As large as grpc-go accepts, so that metadata a peer takes never stops us.
-    return Decoder(max_header_list_size=MAX_HEADER_BLOCK)
+    plain = Decoder(max_header_list_size=MAX_HEADER_BLOCK)
+    return plain, functools.partial(plain.decode, raw=True)
 
 
 def _raise_table_limit(decoder: Decoder | CachedDecoder, settings: list[tuple[int, int]]) -> None:
