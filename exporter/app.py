@@ -106,6 +106,7 @@ class Sidecar:
             self.accounting,
             package=self.config.service_package,
             max_message_bytes=obs.max_message_bytes,
+            max_connection_bytes=obs.max_connection_bytes,
             deadline_tolerance=obs.deadline_tolerance,
         )
 

@@ -520,6 +520,9 @@ class JobsConfig:
 @dataclass(frozen=True, slots=True)
 class ObserverConfig:
     max_message_bytes: int = 4 * 1024 * 1024
+    # What one connection's observer may hold in partly received messages, all its
+    # streams together; a message that would exceed it is skipped and counted.
+    max_connection_bytes: int = 16 * 1024 * 1024
     deadline_tolerance: float = 0.020
 
 
@@ -752,16 +755,27 @@ def _jobs(c: Collector, root: Mapping[str, object]) -> JobsConfig:
 
 def _observer(c: Collector, root: Mapping[str, object]) -> ObserverConfig:
     path = ("observer",)
-    o = c.mapping(root.get("observer"), path, ("max_message_bytes", "deadline_tolerance"))
+    keys = ("max_message_bytes", "max_connection_bytes", "deadline_tolerance")
+    o = c.mapping(root.get("observer"), path, keys)
     d = ObserverConfig()
     # gRPC's length prefix is 32 bits and grpc-go caps messages at 2^31-1 bytes.
     max_bytes = _int_in(1, 2**31 - 1)
-    return ObserverConfig(
+    config = ObserverConfig(
         max_message_bytes=c.field(o, path, "max_message_bytes", max_bytes, d.max_message_bytes),
+        max_connection_bytes=c.field(
+            o, path, "max_connection_bytes", _int_in(1, 2**40), d.max_connection_bytes
+        ),
         deadline_tolerance=c.field(
             o, path, "deadline_tolerance", _duration_in(0, 1.0), d.deadline_tolerance
         ),
     )
+    if config.max_connection_bytes < config.max_message_bytes:
+        c.add(
+            (*path, "max_connection_bytes"),
+            f"must be at least max_message_bytes ({config.max_message_bytes}), "
+            f"got {config.max_connection_bytes}",
+        )
+    return config
 
 
 def _limits(c: Collector, root: Mapping[str, object]) -> LimitsConfig:

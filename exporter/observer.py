@@ -164,10 +164,21 @@ _PREFIX = struct.Struct(">BI")  # gRPC message prefix: compressed flag, length
 OnMessage = Callable[[int, bytes | None, int], None]
 
 
+class _Budget:
+    """Bytes one connection's observer may hold in partly received messages, across all
+    its streams: without it, N open streams could each hold max_message_bytes."""
+
+    __slots__ = ("left",)
+
+    def __init__(self, total: int) -> None:
+        self.left = total
+
+
 class _Messages:
     """Reassembles the length-prefixed gRPC messages of one direction of one stream."""
 
     __slots__ = (
+        "_budget",
         "_flag",
         "_hdr",
         "_left",
@@ -176,14 +187,19 @@ class _Messages:
         "_on_message",
         "_oversize",
         "_peek",
+        "_reserved",
         "_store",
         "_stream_id",
         "count",
         "keep",
     )
 
-    def __init__(self, keep: int, max_bytes: int, stream_id: int, on_message: OnMessage) -> None:
+    def __init__(
+        self, keep: int, max_bytes: int, stream_id: int, on_message: OnMessage, budget: _Budget
+    ) -> None:
         self.keep = keep
+        self._budget = budget
+        self._reserved = 0
         self._stream_id = stream_id
         self.count = 0
         self._max = max_bytes
@@ -266,7 +282,7 @@ class _Messages:
                 self._store = bytearray()
                 self._peek = min(length, _PEEK)
         elif keep != KEEP_NONE:
-            if length > self._max:
+            if length > self._max or not self._reserve(length):
                 self._oversize = True
             else:
                 self._store = bytearray()
@@ -283,15 +299,31 @@ class _Messages:
         self._peek = 0
         if _plain_bytes_field(store, 0, len(store), self._length):
             self._store = None  # a well-formed log message: nothing to decode
-        elif self._length > self._max:
+        elif self._length > self._max or not self._reserve(self._length):
             self._store = None
             self._oversize = True
         else:
             store += piece[want:]
 
+    def _reserve(self, length: int) -> bool:
+        """Take `length` bytes of the connection's budget for the message being stored."""
+        budget = self._budget
+        if budget.left < length:
+            return False
+        budget.left -= length
+        self._reserved = length
+        return True
+
+    def release(self) -> None:
+        """Give back what a partly stored message holds (its stream ended or it did)."""
+        if self._reserved:
+            self._budget.left += self._reserved
+            self._reserved = 0
+
     def _complete(self) -> None:
         self.count += 1
         self._left = -1
+        self.release()
         store, self._store = self._store, None
         if store is not None:
             self._on_message(self._stream_id, bytes(store), self._flag)
@@ -360,6 +392,7 @@ class ConnectionObserver:
     """Observes one client connection. Never raises out of its three entry points."""
 
     __slots__ = (
+        "_budget",
         "_calls",
         "_client",
         "_client_decode",
@@ -383,12 +416,14 @@ class ConnectionObserver:
         *,
         package: str = "proto",
         max_message_bytes: int = 4 * 1024 * 1024,
+        max_connection_bytes: int = 16 * 1024 * 1024,
         deadline_tolerance: float = 0.020,
         client_blocks: BlockCache | None = CLIENT_BLOCKS,
         server_blocks: BlockCache | None = SERVER_BLOCKS,
     ) -> None:
         self._sink = sink
         self._max_message = max_message_bytes
+        self._budget = _Budget(max_connection_bytes)
         self._tolerance = deadline_tolerance
         self._methods = _service_methods(package)
         self._calls: dict[int, _Call] = {}
@@ -493,10 +528,11 @@ class ConnectionObserver:
         call.req_encoding = encoding
         max_bytes = self._max_message
         keep = KEEP_ALL if rpc else KEEP_NONE
-        call.req = _Messages(keep, max_bytes, stream_id, self._request_message)
+        budget = self._budget
+        call.req = _Messages(keep, max_bytes, stream_id, self._request_message, budget)
         if method.name == "FollowLogs":
             keep = KEEP_LOG
-        call.resp = _Messages(keep, max_bytes, stream_id, self._response_message)
+        call.resp = _Messages(keep, max_bytes, stream_id, self._response_message, budget)
         self._calls[stream_id] = call
         self._sink.call_started(method)
 
@@ -658,6 +694,8 @@ class ConnectionObserver:
 
     def _end(self, stream_id: int, call: _Call, code: int, *, refused: bool = False) -> None:
         del self._calls[stream_id]
+        call.req.release()
+        call.resp.release()
         self._sink.call_ended(
             CallEnded(
                 method=call.method,

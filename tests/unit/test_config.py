@@ -524,3 +524,17 @@ def test_ip_addresses_round_trip(
 def test_unix_paths_round_trip(name: str) -> None:
     address = Address.unix("/" + name.rstrip("/") + "s")
     assert Address.parse(str(address)) == address
+
+
+def test_connection_budget_must_hold_at_least_one_message() -> None:
+    data = {
+        "listen": "unix:///run/a.sock",
+        "upstream": "unix:///run/b.sock",
+        "observer": {"max_message_bytes": 1000, "max_connection_bytes": 999},
+    }
+    with pytest.raises(ConfigError) as info:
+        parse_config(data, source="c.yml")
+    assert "observer.max_connection_bytes" in str(info.value)
+    assert "at least max_message_bytes (1000)" in str(info.value)
+    data["observer"] = {"max_message_bytes": 1000, "max_connection_bytes": 1000}
+    assert parse_config(data).observer.max_connection_bytes == 1000

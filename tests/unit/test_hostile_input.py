@@ -609,13 +609,6 @@ def test_the_observer_never_buffers_more_than_its_limit_per_stream() -> None:
     assert world.value("step_runner_exporter_decode_errors_total", message="grpc_frame") == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the observer has no per-connection memory budget (issue 6, item 3): each open "
-    "stream may buffer up to max_message_bytes, so one connection with N streams holds N "
-    "times that; proposed: ConnectionObserver(max_connection_bytes=...) and config "
-    "observer.max_connection_bytes, over-budget messages skipped and counted like oversize ones",
-)
 def test_observer_memory_per_connection_is_bounded() -> None:
     """64 concurrent Status calls on one connection, each response message under the
     per-message limit and one byte short of complete. With a budget of two messages
@@ -714,3 +707,36 @@ def test_hostile_job_ids_stay_out_of_labels_and_both_exposition_formats_parse() 
             assert hostile not in text and hostile not in om
     assert_labels_fixed(series(world.registry))
     assert series(world.registry).keys() == world.initial.keys()
+
+
+def test_the_connection_budget_is_given_back_when_a_stream_ends() -> None:
+    """A budget of one message: while one response is partly buffered a second is
+    skipped; once the first stream ends, the next one is decoded again."""
+    limit = 1 << 16
+    world = World()
+    conn = Conn(world.observer(max_message_bytes=limit, max_connection_bytes=limit))
+    body = status_response(status_entry(b"7", state=2, message=b"z" * (limit - 64)))
+    message = grpc_message(body)
+
+    def partial(stream: int) -> None:
+        conn.request(stream, f"/{SERVICE}/Status", id_request(str(stream).encode()))
+        conn.response_headers(stream, RESPONSE_HEADERS, end=False)
+        _feed_in_frames(conn, stream, message[:-1])
+
+    def finish(stream: int) -> None:
+        conn.server(frame(DATA, 0, stream, message[-1:]))
+        conn.response_headers(stream, [("grpc-status", "0")], end=True)
+
+    def skipped() -> float:
+        return world.value("step_runner_exporter_decode_errors_total", message="grpc_frame")
+
+    partial(1)
+    partial(3)  # over budget while stream 1 holds it
+    assert skipped() == 0  # counted when the skipped message completes
+    finish(3)
+    assert skipped() == 1
+    finish(1)
+    partial(5)  # stream 1 gave its share back
+    finish(5)
+    assert skipped() == 1
+    world.check_invariants()
