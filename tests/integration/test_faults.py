@@ -33,6 +33,7 @@ from exporter.proto import step_pb2
 from exporter.simulator import SCENARIOS, SimulatedStepRunner, run_jobs
 from exporter.simulator.client import invoke, open_channel
 from exporter.simulator.scenarios import job_env, run_request
+from tests.wire import frame, grpc_message, request_headers
 
 from .harness import (
     async_wait_until,
@@ -81,27 +82,8 @@ MAX_WINDOW = 2**31 - 1
 FOLLOW_LOGS = "/proto.StepRunner/FollowLogs"
 
 
-def frame(ftype: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
-    head = struct.pack(">I", len(payload))[1:] + bytes([ftype, flags])
-    return head + struct.pack(">I", stream) + payload
-
-
-def grpc_message(payload: bytes) -> bytes:
-    return b"\0" + struct.pack(">I", len(payload)) + payload
-
-
 def request_block(encoder: hpack.Encoder, path: str, timeout: str | None = None) -> bytes:
-    headers = [
-        (":method", "POST"),
-        (":scheme", "http"),
-        (":path", path),
-        (":authority", "localhost"),
-        ("content-type", "application/grpc"),
-        ("te", "trailers"),
-    ]
-    if timeout is not None:
-        headers.append(("grpc-timeout", timeout))
-    return bytes(encoder.encode(headers))
+    return bytes(encoder.encode(request_headers(path, timeout)))
 
 
 class RawClient:

@@ -34,6 +34,7 @@ from exporter.events import DECODE_ERROR_MESSAGES, GO_CODE_NAMES, STEP_RUNNER_ME
 from exporter.h2 import PREFACE
 from exporter.proto import step_pb2
 from exporter.simulator import run_job
+from tests.wire import frame
 
 from .harness import async_wait_until, grpc_call, run_async, short_tmpdir, simulated_step_runner
 from .sidecar import counted, http_get, running_sidecar, sample, target, web_url
@@ -44,7 +45,6 @@ from .test_faults import (
     HEADERS,
     SETTINGS,
     RawClient,
-    frame,
     request_block,
 )
 

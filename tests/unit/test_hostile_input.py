@@ -49,6 +49,7 @@ from exporter.h2 import PREFACE
 from exporter.metrics import Metrics
 from exporter.observer import ConnectionObserver
 from exporter.tracker import Decision, JobTracker
+from tests.wire import frame, grpc_message, request_headers
 
 SERVICE = "proto.StepRunner"
 METHODS = [Method(SERVICE, name, kind) for name, kind in STEP_RUNNER_METHODS.items()]
@@ -195,33 +196,6 @@ def id_request(job_id: bytes) -> bytes:
 
 DATA, HEADERS, RST_STREAM, SETTINGS, GOAWAY = 0x0, 0x1, 0x3, 0x4, 0x7
 END_STREAM, END_HEADERS = 0x1, 0x4
-
-
-def frame(ftype: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
-    return (
-        struct.pack(">I", len(payload))[1:]
-        + bytes([ftype, flags])
-        + struct.pack(">I", stream)
-        + payload
-    )
-
-
-def grpc_message(payload: bytes, flag: int = 0) -> bytes:
-    return bytes([flag]) + struct.pack(">I", len(payload)) + payload
-
-
-def request_headers(path: str, timeout: str | None = None) -> list[tuple[str, str]]:
-    headers = [
-        (":method", "POST"),
-        (":scheme", "http"),
-        (":path", path),
-        (":authority", "localhost"),
-        ("content-type", "application/grpc"),
-        ("te", "trailers"),
-    ]
-    if timeout is not None:
-        headers.append(("grpc-timeout", timeout))
-    return headers
 
 
 RESPONSE_HEADERS = [(":status", "200"), ("content-type", "application/grpc")]

@@ -21,6 +21,7 @@ from exporter.events import UNKNOWN_METHOD, CallEnded, Code, Method
 from exporter.h2 import PREFACE
 from exporter.observer import ConnectionObserver
 from exporter.proto import step_pb2
+from tests.wire import frame, grpc_message
 
 from .captures import RecordingSink
 
@@ -32,21 +33,8 @@ CANCEL, REFUSED_STREAM = 0x8, 0x7
 Headers = Sequence[tuple[str, str]]
 
 
-def frame(ftype: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
-    return (
-        struct.pack(">I", len(payload))[1:]
-        + bytes([ftype, flags])
-        + struct.pack(">I", stream)
-        + payload
-    )
-
-
 def settings_frame(*pairs: tuple[int, int], ack: bool = False) -> bytes:
     return frame(SETTINGS, 1 if ack else 0, 0, b"".join(struct.pack(">HI", k, v) for k, v in pairs))
-
-
-def grpc_message(payload: bytes, flag: int = 0) -> bytes:
-    return bytes([flag]) + struct.pack(">I", len(payload)) + payload
 
 
 def padded(payload: bytes, pad: int) -> bytes:
