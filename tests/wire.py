@@ -33,3 +33,14 @@ def request_headers(path: str, timeout: str | None = None) -> list[tuple[str, st
     if timeout is not None:
         headers.append(("grpc-timeout", timeout))
     return headers
+
+
+def varint(value: int) -> bytes:
+    """A protobuf varint; negative int32/int64 values are ten-byte two's complement."""
+    value &= (1 << 64) - 1
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)

@@ -29,12 +29,12 @@ from prometheus_client.openmetrics.parser import text_string_to_metric_families 
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.app import Sidecar
-from exporter.classifier import ALL_FAILURES, CATEGORIES, FAILURE_REASONS, RESULTS, SOURCES
-from exporter.events import DECODE_ERROR_MESSAGES, GO_CODE_NAMES, STEP_RUNNER_METHODS
+from exporter.events import STEP_RUNNER_METHODS
 from exporter.h2 import PREFACE
 from exporter.proto import step_pb2
 from exporter.simulator import run_job
-from tests.wire import frame
+from tests.labels import ALLOWED, SERVICE
+from tests.wire import frame, varint
 
 from .harness import async_wait_until, grpc_call, run_async, short_tmpdir, simulated_step_runner
 from .sidecar import counted, http_get, running_sidecar, sample, target, web_url
@@ -50,19 +50,6 @@ from .test_faults import (
 
 pytestmark = pytest.mark.integration
 
-SERVICE = "proto.StepRunner"
-ALLOWED: dict[str, frozenset[str]] = {
-    "result": frozenset(RESULTS),
-    "failure_reason": frozenset(FAILURE_REASONS),
-    "source": frozenset(SOURCES),
-    "kind": frozenset(f.kind for f in ALL_FAILURES),
-    "category": frozenset(CATEGORIES),
-    "grpc_type": frozenset({"unary", "server_stream", "unknown"}),
-    "grpc_service": frozenset({SERVICE, "unknown"}),
-    "grpc_method": frozenset({*STEP_RUNNER_METHODS, "unknown"}),
-    "grpc_code": frozenset(GO_CODE_NAMES.values()),
-    "message": frozenset(DECODE_ERROR_MESSAGES),
-}
 
 SeriesKey = tuple[str, frozenset[tuple[str, str]]]
 
@@ -467,20 +454,11 @@ def _server_script(rng: random.Random) -> bytes:
 def _any_status_response(rng: random.Random) -> bytes:
     """Any state and error kind numbers, known or not, written field by field."""
     entry = b"\x0a\x01" + str(rng.randrange(10)).encode()
-    entry += b"\x18" + _varint(rng.randrange(0, 2**32))
+    entry += b"\x18" + varint(rng.randrange(0, 2**32))
     if rng.random() < 0.5:
-        kind = b"\x10" + _varint(rng.randrange(0, 2**32))
-        entry += b"\x3a" + _varint(len(kind)) + kind
-    return b"\x0a" + _varint(len(entry)) + entry
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, value = value & 0x7F, value >> 7
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
+        kind = b"\x10" + varint(rng.randrange(0, 2**32))
+        entry += b"\x3a" + varint(len(kind)) + kind
+    return b"\x0a" + varint(len(entry)) + entry
 
 
 FUZZ_CONNECTIONS = 300

@@ -30,15 +30,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from exporter.accounting import Accounting
 from exporter.classifier import (
     ALL_FAILURES,
-    CATEGORIES,
     FAILURE_REASONS,
     RESULTS,
-    SOURCES,
     Outcome,
 )
 from exporter.events import (
-    DECODE_ERROR_MESSAGES,
-    GO_CODE_NAMES,
     STEP_RUNNER_METHODS,
     UNKNOWN_LABEL,
     CallEnded,
@@ -49,26 +45,15 @@ from exporter.h2 import PREFACE
 from exporter.metrics import Metrics
 from exporter.observer import ConnectionObserver
 from exporter.tracker import Decision, JobTracker
-from tests.wire import frame, grpc_message, request_headers
+from tests.labels import ALLOWED as SHARED_ALLOWED
+from tests.labels import SERVICE
+from tests.wire import frame, grpc_message, request_headers, varint
 
-SERVICE = "proto.StepRunner"
 METHODS = [Method(SERVICE, name, kind) for name, kind in STEP_RUNNER_METHODS.items()]
 FORBIDDEN_REASON = "runner_system_failure"
 
-# Every value each label may take (SPEC sections 3 and 4).
-ALLOWED: dict[str, frozenset[str]] = {
-    "result": frozenset(RESULTS),
-    "failure_reason": frozenset(FAILURE_REASONS),
-    "source": frozenset(SOURCES),
-    "kind": frozenset(f.kind for f in ALL_FAILURES),
-    "category": frozenset(CATEGORIES),
-    "grpc_type": frozenset({"unary", "server_stream", UNKNOWN_LABEL}),
-    "grpc_service": frozenset({SERVICE, UNKNOWN_LABEL}),
-    "grpc_method": frozenset({*STEP_RUNNER_METHODS, UNKNOWN_LABEL}),
-    "grpc_code": frozenset(GO_CODE_NAMES.values()),
-    "message": frozenset(DECODE_ERROR_MESSAGES),
-    "version": frozenset({"test"}),
-}
+# Every value each label may take; the build_info version is the test's own.
+ALLOWED: dict[str, frozenset[str]] = {**SHARED_ALLOWED, "version": frozenset({"test"})}
 
 SeriesKey = tuple[str, frozenset[tuple[str, str]]]
 
@@ -146,16 +131,6 @@ class _RecordingAccounting(Accounting):
 
 
 # -- hand-made protobuf and HTTP/2 ------------------------------------------------------
-
-
-def varint(value: int) -> bytes:
-    value &= (1 << 64) - 1  # negative int32/int64 are ten-byte two's complement
-    out = bytearray()
-    while True:
-        byte, value = value & 0x7F, value >> 7
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
 
 
 def pb_varint(number: int, value: int) -> bytes:
