@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
+import subprocess
 import tempfile
 import threading
 import time
@@ -128,3 +129,13 @@ async def grpc_call(
     channel and return code, details, raw responses and metadata, never raising for a
     gRPC error. kwargs: metadata, deadline (seconds), package, streaming, cancel_after."""
     return await call_once(target, method, request, **kwargs)
+
+
+def stop_process(process: subprocess.Popen[Any], timeout: float = 10.0) -> None:
+    """SIGTERM a child process and wait for it; SIGKILL it if it does not go in time."""
+    process.terminate()
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout)

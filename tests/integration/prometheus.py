@@ -21,6 +21,8 @@ from typing import Any, TypeVar
 
 import yaml
 
+from .harness import stop_process
+
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
 PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
 JOB = "step-runner-exporter"
@@ -173,12 +175,7 @@ def running_prometheus(
         poll(lambda: _ready(server), timeout, "Prometheus /-/ready")
         yield server
     finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
+        stop_process(process)
         shutil.rmtree(directory, ignore_errors=True)
 
 

@@ -26,7 +26,7 @@ from monitoring import rules
 from monitoring.dashboards import DASHBOARDS
 from monitoring.settings import MIN_JOBS_PER_HOUR, UNKNOWN_FAILURE_RATIO, error_budget
 
-from .harness import short_tmpdir, simulated_step_runner_thread
+from .harness import short_tmpdir, simulated_step_runner_thread, stop_process
 from .prometheus import Prometheus, PrometheusError, free_port, poll, running_prometheus
 
 pytestmark = pytest.mark.integration
@@ -73,12 +73,7 @@ def sidecar_process(upstream: str, directory: str) -> Iterator[tuple[str, str]]:
         poll(lambda: _ready(process, web, log), 20, "the sidecar's /-/ready")
         yield f"unix://{directory}/sidecar.sock", web
     finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
+        stop_process(process)
 
 
 def _ready(process: subprocess.Popen[bytes], web: str, log: Path) -> bool | None:
