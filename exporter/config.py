@@ -590,14 +590,23 @@ def load_config(path: Path | None, overrides: Mapping[str, str] | None = None) -
     """
     if path is None:
         return parse_config({}, "<command line>", overrides)
+    return parse_file(
+        path,
+        lambda doc: parse_config(doc.data, str(path), overrides, doc.marks, base_dir=path.parent),
+    )
+
+
+def parse_file(path: Path, parse: Callable[[YamlDocument], T]) -> T:
+    """Read a YAML file and parse it; YAML-level problems (duplicate keys) and the
+    parser's problems are reported together, in one ConfigError."""
     doc = read_yaml(path)
     try:
-        config = parse_config(doc.data, str(path), overrides, doc.marks, base_dir=path.parent)
+        result = parse(doc)
     except ConfigError as e:
         raise ConfigError([*doc.problems, *e.problems]) from None
     if doc.problems:
         raise ConfigError(doc.problems)
-    return config
+    return result
 
 
 def parse_config(

@@ -24,7 +24,7 @@ from types import MappingProxyType
 
 import bcrypt
 
-from .config import Collector, ConfigError, KeyPath, Marks, Problem, read_yaml, show
+from .config import Collector, ConfigError, KeyPath, Marks, Problem, parse_file, show
 
 CLIENT_AUTH_TYPES: Mapping[str, ssl.VerifyMode] = MappingProxyType(
     {
@@ -110,14 +110,9 @@ class WebServerConfig:
 def load_web_config(path: Path) -> WebServerConfig:
     """Load and validate a web config file; relative file names in it are relative to
     it, as in exporter-toolkit. Raises ConfigError listing every problem."""
-    doc = read_yaml(path)
-    try:
-        cfg = parse_web_config(doc.data, str(path), doc.marks, base_dir=path.parent)
-    except ConfigError as e:
-        raise ConfigError([*doc.problems, *e.problems]) from None
-    if doc.problems:
-        raise ConfigError(doc.problems)
-    return cfg
+    return parse_file(
+        path, lambda doc: parse_web_config(doc.data, str(path), doc.marks, base_dir=path.parent)
+    )
 
 
 def parse_web_config(
