@@ -15,6 +15,7 @@ from .webconfig import load_web_config
 
 # Flags that override a key of the config file.
 _OVERRIDES = {
+    "tap": "tap",
     "listen": "listen",
     "upstream": "upstream",
     "web_listen_address": "web.listen_address",
@@ -34,6 +35,10 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run the sidecar")
     serve.add_argument("--config.file", dest="config_file", type=Path, help="YAML config file")
+    serve.add_argument(
+        "--tap",
+        help="what the listening socket speaks: step-runner (gRPC) or docker (Docker Engine API)",
+    )
     serve.add_argument("--listen", help="where clients dial: unix:///abs/path.sock or HOST:PORT")
     serve.add_argument(
         "--upstream", help="step-runner's socket: unix:///abs/path.sock or HOST:PORT"

@@ -34,10 +34,13 @@ RESERVED_LABEL_NAMES = RESERVED_LABELS
 RESERVED_METRICS_PATHS = ("/-/healthy", "/-/ready")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
+# What the listening socket speaks (SPEC section 7).
+TAPS = ("step-runner", "docker")
 
 # Override keys (load_config) and the command-line flags they come from.
 OVERRIDE_FLAGS: Mapping[str, str] = MappingProxyType(
     {
+        "tap": "--tap",
         "listen": "--listen",
         "upstream": "--upstream",
         "web.listen_address": "--web.listen-address",
@@ -538,6 +541,16 @@ class ShutdownConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class DockerConfig:
+    """The docker tap's bounds (SPEC section 7): the only bodies it ever holds are exec
+    create requests and responses, at most `max_body_bytes` each."""
+
+    max_body_bytes: int = 64 * 1024
+    exec_ttl: float = 600.0  # a marked exec id not started within this is forgotten
+    max_execs: int = 4096  # marked exec ids remembered at once, process-wide
+
+
+@dataclass(frozen=True, slots=True)
 class LogConfig:
     level: str = "info"
     format: str = "text"
@@ -560,6 +573,8 @@ class Config:
     limits: LimitsConfig = LimitsConfig()
     shutdown: ShutdownConfig = ShutdownConfig()
     log: LogConfig = LogConfig()
+    tap: str = "step-runner"
+    docker: DockerConfig = DockerConfig()
 
     @property
     def grpc_service(self) -> str:
@@ -568,6 +583,7 @@ class Config:
 
 
 _TOP_KEYS = (
+    "tap",
     "listen",
     "upstream",
     "socket",
@@ -579,6 +595,7 @@ _TOP_KEYS = (
     "limits",
     "shutdown",
     "log",
+    "docker",
 )
 
 
@@ -644,6 +661,8 @@ def parse_config(
     limits = _limits(c, root)
     shutdown = _shutdown(c, root)
     log = _log(c, root)
+    tap = c.field(root, (), "tap", _choice(TAPS), "step-runner")
+    docker = _docker(c, root)
     c.check()
     assert listen is not None and upstream is not None  # a missing one is a problem above
     return Config(
@@ -658,6 +677,8 @@ def parse_config(
         limits,
         shutdown,
         log,
+        tap,
+        docker,
     )
 
 
@@ -816,4 +837,17 @@ def _log(c: Collector, root: Mapping[str, object]) -> LogConfig:
     return LogConfig(
         level=c.field(lg, path, "level", _choice(LOG_LEVELS), d.level),
         format=c.field(lg, path, "format", _choice(LOG_FORMATS), d.format),
+    )
+
+
+def _docker(c: Collector, root: Mapping[str, object]) -> DockerConfig:
+    path = ("docker",)
+    dk = c.mapping(root.get("docker"), path, ("max_body_bytes", "exec_ttl", "max_execs"))
+    d = DockerConfig()
+    return DockerConfig(
+        max_body_bytes=c.field(
+            dk, path, "max_body_bytes", _int_in(1024, 1024 * 1024), d.max_body_bytes
+        ),
+        exec_ttl=c.field(dk, path, "exec_ttl", _duration_in(1.0, _DAY), d.exec_ttl),
+        max_execs=c.field(dk, path, "max_execs", _int_in(1, 1_000_000), d.max_execs),
     )

@@ -68,6 +68,9 @@ def test_minimal_file_gets_the_documented_defaults(tmp_path: Path) -> None:
     assert config == Config(Address.unix("/run/a.sock"), Address.unix("/run/b.sock"))
     assert config.socket.mode == 0o660
     assert config.service_package == "proto"
+    assert config.tap == "step-runner"
+    assert (config.docker.max_body_bytes, config.docker.exec_ttl) == (65_536, 600.0)
+    assert config.docker.max_execs == 4096
     assert config.web.listen_address == ("0.0.0.0", 9854)
     assert config.web.metrics_path == "/metrics"
     assert dict(config.labels) == {}
@@ -252,10 +255,16 @@ RULES = [
     # (text appended after BASE, 'LINE: KEY: MESSAGE')
     (
         "foo: 1\n",
-        "3: foo: unknown key (expected one of: listen, upstream, socket, service_package,"
-        " web, labels, jobs, observer, limits, shutdown, log)",
+        "3: foo: unknown key (expected one of: tap, listen, upstream, socket,"
+        " service_package, web, labels, jobs, observer, limits, shutdown, log, docker)",
     ),
     ("lables: {}\n", "3: lables: unknown key (did you mean 'labels'?)"),
+    ("tap: kubernetes\n", "3: tap: expected one of step-runner, docker, got 'kubernetes'"),
+    (
+        "docker:\n  max_body_bytes: 10\n",
+        "4: docker.max_body_bytes: must be between 1024 and 1048576, got 10",
+    ),
+    ("docker:\n  exec_tll: 1m\n", "4: docker.exec_tll: unknown key (did you mean 'exec_ttl'?)"),
     ("web:\n  metrics: /m\n", "4: web.metrics: unknown key (did you mean 'metrics_path'?)"),
     ("jobs: 5\n", "3: jobs: expected a mapping, got 5"),
     ("jobs:\n  max_tracked: many\n", "4: jobs.max_tracked: expected an integer, got 'many'"),
