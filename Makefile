@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint unit integration bench bench-deps prometheus-bin soak regen clean
+.PHONY: demo test lint unit integration bench bench-deps prometheus-bin docker-bin soak regen clean
 
 $(STAMP): pyproject.toml
 	@# Debian's system Python needs python3-venv (and pip's ensurepip) for this.
@@ -22,6 +22,13 @@ prometheus-bin:
 	@command -v promtool >/dev/null && command -v prometheus >/dev/null || { \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq prometheus >/dev/null; }
+
+# The docker tap's tests start their own daemon from Debian's docker.io (as root, on
+# temp paths); they never use the machine's own daemon.
+docker-bin:
+	@command -v dockerd >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq docker.io >/dev/null; }
 
 # The benchmark (issue 5) builds its Go client and step-runner stand-in from Debian's
 # Go packages in GOPATH mode; `make bench BENCH_ARGS=--quick` for a small run.
@@ -50,10 +57,10 @@ lint: $(STAMP)
 unit: $(STAMP)
 	$(PY) -m pytest -q tests/unit
 
-integration: $(STAMP) prometheus-bin bench-deps
+integration: $(STAMP) prometheus-bin bench-deps docker-bin
 	$(PY) -m pytest -q tests/integration
 
-test: $(STAMP) prometheus-bin bench-deps lint
+test: $(STAMP) prometheus-bin bench-deps docker-bin lint
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 # 100,000 simulated jobs with periodic step-runner restarts: exact counts, bounded
