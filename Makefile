@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq python3-venv >/dev/null; \
 	  $(PYTHON) -m venv $(VENV); }
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test,fast]'
+	$(PY) -m pip install --quiet -e '.[test,fast,demo]'
 	touch $(STAMP)
 
 # promtool and a real Prometheus server come from Debian's prometheus package.

@@ -13,6 +13,11 @@ from .config import ConfigError, load_config
 from .logs import setup_logging
 from .webconfig import load_web_config
 
+DEMO_NEEDS_GRPC = (
+    "step-runner-exporter demo: needs grpcio, which the demo extra installs:"
+    " pip install 'step-runner-exporter[demo]'"
+)
+
 # Flags that override a key of the config file.
 _OVERRIDES = {
     "tap": "tap",
@@ -71,7 +76,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _check_config(args.config_file)
     if args.command == "serve":
         return _serve(args)
-    from .demo import run_demo
+    try:
+        from .demo import run_demo
+    except ModuleNotFoundError as exc:
+        if exc.name != "grpc":
+            raise
+        # grpcio is the demo's alone (its simulators are gRPC programs), not the sidecar's.
+        print(DEMO_NEEDS_GRPC, file=sys.stderr)
+        return 1
 
     return run_demo(
         jobs=args.jobs,
