@@ -276,6 +276,7 @@ def _job_failure_cases() -> list[TestCase]:
 
 
 SCHEMA_DRIFT, DECODE_ERRORS = r.WIRE_FORMAT_ALERTS.alerts
+REQUESTS = ("RunRequest", "FollowLogsRequest", "StatusRequest", "CloseRequest", "CancelRequest")
 
 
 def _wire_format_cases() -> list[TestCase]:
@@ -286,7 +287,8 @@ def _wire_format_cases() -> list[TestCase]:
     decode = "step_runner_exporter_decode_errors_total"
     return [
         {
-            "name": "unknown fields in a message type raise a ticket for 15 minutes",
+            "name": "unknown fields in StatusResponse can change a classification: a ticket"
+            " for 15 minutes",
             "interval": "1m",
             "input_series": [
                 counter(unknown, "0x9 1x20", "StatusResponse"),
@@ -301,6 +303,17 @@ def _wire_format_cases() -> list[TestCase]:
                 ),
                 alert_test("26m", SCHEMA_DRIFT),
             ],
+        },
+        {
+            # A newer Runner sending a job timeout in RunRequest: every job drifts, and
+            # none can be classified differently for it.
+            "name": "unknown fields in requests are counted but raise nothing",
+            "interval": "1m",
+            "input_series": [
+                *(counter(unknown, "0+1x30", m) for m in REQUESTS),
+                counter(unknown, "0x30", "StatusResponse"),
+            ],
+            "alert_rule_test": [alert_test(t, SCHEMA_DRIFT) for t in ("5m", "12m", "26m")],
         },
         {
             "name": "messages that do not decode raise a ticket",

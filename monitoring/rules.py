@@ -215,16 +215,31 @@ JOB_FAILURE_ALERTS = Group(
 )
 
 
-def _wire_alert(name: str, metric: str, summary: str, what: str) -> Alert:
+# Unknown fields that can change a classification (SPEC section 8): those of
+# StatusResponse, Status and StatusError. Status and StatusError only arrive inside a
+# StatusResponse, and the observer counts the unknown fields of nested messages under the
+# message it decoded, so `StatusResponse` covers all three. Drift anywhere else (a newer
+# Runner sending a job timeout in RunRequest) is counted, and shown on the dashboard, but
+# cannot change an outcome: it must not raise the alert.
+CLASSIFYING_MESSAGES: tuple[str, ...] = ("StatusResponse",)
+
+
+def _message_matcher(messages: tuple[str, ...]) -> str:
+    if len(messages) == 1:
+        return f'message="{messages[0]}"'
+    return f'message=~"{"|".join(messages)}"'
+
+
+def _wire_alert(name: str, selector: str, summary: str, what: str, why: str) -> Alert:
     return Alert(
         name,
-        f"increase({metric}[15m]) > 0",
+        f"increase({selector}[15m]) > 0",
         SEVERITY_TICKET,
         summary,
         f"{{{{ $value | humanize }}}} {{{{ $labels.message }}}} messages {what} on "
         "{{ $labels.instance }} (runner {{ $labels.runner }}) in the last 15 minutes: "
-        "the step-runner in production speaks a wire format this build of "
-        "step-runner-exporter does not fully know.",
+        f"the step-runner in production speaks a wire format this build of "
+        f"step-runner-exporter does not fully know{why}.",
         SIDECAR,
         dashboard_vars=("runner", "instance"),
     )
@@ -235,15 +250,18 @@ WIRE_FORMAT_ALERTS = Group(
     (
         _wire_alert(
             "StepRunnerSchemaDrift",
-            "step_runner_exporter_unknown_fields_total",
+            "step_runner_exporter_unknown_fields_total"
+            f"{{{_message_matcher(CLASSIFYING_MESSAGES)}}}",
             "step-runner sends fields the exporter does not know",
             "carried protobuf fields unknown to the exporter",
+            ", in messages that decide how jobs are classified",
         ),
         _wire_alert(
             "StepRunnerDecodeErrors",
             "step_runner_exporter_decode_errors_total",
             "The exporter cannot decode step-runner messages",
             "could not be decoded (their jobs may be misclassified or not counted)",
+            "",
         ),
     ),
 )

@@ -13,6 +13,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from exporter.events import DECODE_ERROR_MESSAGES
 from exporter.metrics import MetricName
 from monitoring import build, grafana, rules
 from monitoring.dashboards import DASHBOARDS
@@ -121,6 +122,14 @@ def test_rules_read_only_existing_series() -> None:
     for group in rules.GROUPS:
         for rule in group.rules:
             assert selected_metrics(rule.expr) <= allowed, rule.name
+
+
+def test_schema_drift_alerts_on_messages_the_observer_counts() -> None:
+    # A renamed or misspelt label value would silence the alert for good.
+    assert set(rules.CLASSIFYING_MESSAGES) <= set(DECODE_ERROR_MESSAGES)
+    (drift,) = (a for a in rules.all_alerts() if a.name == "StepRunnerSchemaDrift")
+    for message in rules.CLASSIFYING_MESSAGES:
+        assert message in drift.expr
 
 
 # --- dashboards ------------------------------------------------------------------
