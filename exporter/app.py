@@ -10,16 +10,13 @@ import pwd
 import signal
 import time
 
-from prometheus_client import CollectorRegistry, Counter
-from prometheus_client.gc_collector import GCCollector
-from prometheus_client.platform_collector import PlatformCollector
-from prometheus_client.process_collector import ProcessCollector
+from prometheus_client import CollectorRegistry
 
 from . import __version__
 from .accounting import Accounting
 from .config import Address, Config
 from .logs import fields
-from .metrics import Metrics, labelled_registry
+from .metrics import Metrics, labelled_registry, register_default_collectors
 from .observer import ConnectionObserver
 from .splice import Endpoint, Splice
 from .web import WebServer
@@ -65,15 +62,8 @@ class Sidecar:
         self.config = config
         self.registry = registry if registry is not None else CollectorRegistry()
         if process_metrics:
-            ProcessCollector(registry=self.registry)
-            PlatformCollector(registry=self.registry)
-            GCCollector(registry=self.registry)
+            register_default_collectors(self.registry)
         self.metrics = Metrics(self.registry, package=config.service_package, version=__version__)
-        self.rejected = Counter(
-            "step_runner_exporter_rejected_connections_total",
-            "Client connections closed at once because limits.max_connections were open.",
-            registry=self.registry,
-        )
         self.accounting = Accounting(
             self.metrics,
             upstream=str(config.upstream),
@@ -97,7 +87,7 @@ class Sidecar:
         )
 
     def connection_rejected(self) -> None:
-        self.rejected.inc()
+        self.metrics.rejected_connections.inc()
         log.warning("connection limit reached; closing a new client connection")
 
     def _observer(self) -> ConnectionObserver:

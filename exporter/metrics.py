@@ -1,4 +1,5 @@
-"""The metrics of SPEC section 4, on an injected CollectorRegistry.
+"""The metrics of SPEC sections 4, 7 and 8 (their one definition), on an injected
+CollectorRegistry.
 
 Hot-path updates go through children cached per label tuple, because
 `Counter.labels()` costs more than the increment itself.
@@ -8,11 +9,16 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from enum import StrEnum
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.gc_collector import GCCollector
 from prometheus_client.metrics_core import Metric
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
 
 from .classifier import ALL_FAILURES, RESULTS, Failure, Outcome
 from .events import (
@@ -26,46 +32,47 @@ from .events import (
 )
 
 
-class MetricName(StrEnum):
-    JOBS = "step_runner_jobs_total"
-    JOB_FAILURES = "step_runner_job_failures_total"
-    JOB_DURATION = "step_runner_job_duration_seconds"
-    GRPC_STARTED = "grpc_server_started_total"
-    GRPC_HANDLED = "grpc_server_handled_total"
-    GRPC_MSG_RECEIVED = "grpc_server_msg_received_total"
-    GRPC_MSG_SENT = "grpc_server_msg_sent_total"
-    GRPC_HANDLING = "grpc_server_handling_seconds"
-    BUILD_INFO = "step_runner_exporter_build_info"
-    UPSTREAM_UP = "step_runner_exporter_upstream_up"
-    DECODE_ERRORS = "step_runner_exporter_decode_errors_total"
-    UNKNOWN_FIELDS = "step_runner_exporter_unknown_fields_total"
-    TRACKED_JOBS = "step_runner_exporter_tracked_jobs"
-    EVICTED_JOBS = "step_runner_exporter_evicted_jobs_total"
+class MetricType(StrEnum):
+    COUNTER = "counter"
+    GAUGE = "gauge"
+    HISTOGRAM = "histogram"
 
 
-# Labels our metrics carry, histograms and summaries add, or Prometheus attaches to
-# every target (`job`, `instance`: a static label of that name would be renamed
-# exported_*): static config labels must not use them.
-RESERVED_LABELS = frozenset(
-    {
-        "job",
-        "instance",
-        "result",
-        "failure_reason",
-        "source",
-        "kind",
-        "category",
-        "grpc_type",
-        "grpc_service",
-        "grpc_method",
-        "grpc_code",
-        "message",
-        "version",
-        "le",
-        "quantile",
-    }
-)
+@dataclass(frozen=True, slots=True)
+class MetricSpec:
+    """One metric of the contract: what the exporter registers, what the monitoring
+    bundle may query and what the tests check, from this one entry."""
 
+    name: str
+    type: MetricType
+    documentation: str
+    labels: tuple[str, ...] = ()
+    buckets: tuple[float, ...] = ()
+
+    @property
+    def series(self) -> tuple[str, ...]:
+        """The series names Prometheus stores for it."""
+        if self.type is MetricType.HISTOGRAM:
+            return tuple(f"{self.name}{suffix}" for suffix in ("_bucket", "_sum", "_count"))
+        return (self.name,)
+
+
+_DEFINED: list[MetricSpec] = []
+
+
+def _metric(
+    name: str,
+    type_: MetricType,
+    documentation: str,
+    labels: tuple[str, ...] = (),
+    buckets: tuple[float, ...] = (),
+) -> MetricSpec:
+    spec = MetricSpec(name, type_, documentation, labels, buckets)
+    _DEFINED.append(spec)
+    return spec
+
+
+COUNTER, GAUGE, HISTOGRAM = MetricType.COUNTER, MetricType.GAUGE, MetricType.HISTOGRAM
 GRPC_LABELS = ("grpc_type", "grpc_service", "grpc_method")
 FAILURE_LABELS = ("failure_reason", "source", "kind", "category")
 JOB_DURATION_BUCKETS = (1, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 10800, 21600)
@@ -75,6 +82,119 @@ HANDLING_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
     1, 2.5, 5, 10, 30, 60, 300, 1800, 3600,
 )  # fmt: skip
+
+# Every metric the sidecar exports (SPEC sections 4, 7 and 8): adding one is one entry
+# here; `Metrics` registers it and the monitoring bundle and the tests read this list.
+JOBS = _metric(
+    "step_runner_jobs_total", COUNTER, "Jobs whose outcome the sidecar observed.", ("result",)
+)
+JOB_FAILURES = _metric(
+    "step_runner_job_failures_total",
+    COUNTER,
+    "Failed jobs by GitLab Runner failure reason and what was seen (SPEC section 3).",
+    FAILURE_LABELS,
+)
+JOB_DURATION = _metric(
+    "step_runner_job_duration_seconds",
+    HISTOGRAM,
+    "Job duration (Status end_time - start_time) by result.",
+    ("result",),
+    JOB_DURATION_BUCKETS,
+)
+GRPC_STARTED = _metric(
+    "grpc_server_started_total", COUNTER, "RPCs started on the server.", GRPC_LABELS
+)
+GRPC_HANDLED = _metric(
+    "grpc_server_handled_total",
+    COUNTER,
+    "RPCs completed on the server, regardless of success or failure.",
+    (*GRPC_LABELS, "grpc_code"),
+)
+GRPC_MSG_RECEIVED = _metric(
+    "grpc_server_msg_received_total",
+    COUNTER,
+    "RPC stream messages received on the server.",
+    GRPC_LABELS,
+)
+GRPC_MSG_SENT = _metric(
+    "grpc_server_msg_sent_total", COUNTER, "gRPC stream messages sent on the server.", GRPC_LABELS
+)
+GRPC_HANDLING = _metric(
+    "grpc_server_handling_seconds",
+    HISTOGRAM,
+    "Response latency (seconds) of gRPC calls, request HEADERS to end of stream.",
+    GRPC_LABELS,
+    HANDLING_BUCKETS,
+)
+BUILD_INFO = _metric("step_runner_exporter_build_info", GAUGE, "The running build.", ("version",))
+UPSTREAM_UP = _metric(
+    "step_runner_exporter_upstream_up", GAUGE, "1 while step-runner is reachable, else 0."
+)
+DECODE_ERRORS = _metric(
+    "step_runner_exporter_decode_errors_total",
+    COUNTER,
+    "Messages forwarded but not decoded.",
+    ("message",),
+)
+UNKNOWN_FIELDS = _metric(
+    "step_runner_exporter_unknown_fields_total",
+    COUNTER,
+    "Decoded messages carrying fields this build does not know.",
+    ("message",),
+)
+TRACKED_JOBS = _metric(
+    "step_runner_exporter_tracked_jobs",
+    GAUGE,
+    "Jobs currently remembered for exactly-once counting.",
+)
+EVICTED_JOBS = _metric(
+    "step_runner_exporter_evicted_jobs_total",
+    COUNTER,
+    "Jobs forgotten before their outcome was seen.",
+)
+REJECTED_CONNECTIONS = _metric(
+    "step_runner_exporter_rejected_connections_total",
+    COUNTER,
+    "Client connections closed at once because limits.max_connections were open.",
+)
+
+METRICS: tuple[MetricSpec, ...] = tuple(_DEFINED)
+
+# The process, platform and GC collectors every Prometheus Python exporter exposes.
+DEFAULT_COLLECTORS = (ProcessCollector, PlatformCollector, GCCollector)
+
+
+def register_default_collectors(registry: CollectorRegistry) -> None:
+    for collector in DEFAULT_COLLECTORS:
+        collector(registry=registry)
+
+
+def _default_collector_samples() -> list[Sample]:
+    scratch = CollectorRegistry()
+    register_default_collectors(scratch)
+    return [sample for family in scratch.collect() for sample in family.samples]
+
+
+def default_collector_series() -> frozenset[str]:
+    """The series names of DEFAULT_COLLECTORS on this platform."""
+    return frozenset(sample.name for sample in _default_collector_samples())
+
+
+# Static config labels must not reuse a label of any series the sidecar exports (ours,
+# the default collectors', and `le`/`quantile` that histograms and summaries add), nor
+# the target labels Prometheus attaches (`job`, `instance`: a static label of that name
+# would be renamed exported_*).
+RESERVED_LABELS = frozenset(
+    {
+        "job",
+        "instance",
+        "le",
+        "quantile",
+        *(label for spec in METRICS for label in spec.labels),
+        *(label for sample in _default_collector_samples() for label in sample.labels),
+    }
+)
+
 # OpenMetrics limits an exemplar's label set to 128 characters.
 _EXEMPLAR_ID_MAX = 128 - len("job_id")
 # GitLab job ids are digits with an optional "-run"; anything else in an exemplar is
@@ -127,74 +247,22 @@ class Metrics:
         package: str = "proto",
         version: str = "unknown",
     ) -> None:
-        r = registry
-        self.jobs = Counter(
-            MetricName.JOBS, "Jobs whose outcome the sidecar observed.", ["result"], registry=r
-        )
-        self.job_failures = Counter(
-            MetricName.JOB_FAILURES,
-            "Failed jobs by GitLab Runner failure reason and what was seen (SPEC section 3).",
-            FAILURE_LABELS,
-            registry=r,
-        )
-        self.job_duration = Histogram(
-            MetricName.JOB_DURATION,
-            "Job duration (Status end_time - start_time) by result.",
-            ["result"],
-            buckets=JOB_DURATION_BUCKETS,
-            registry=r,
-        )
-        self.started = Counter(
-            MetricName.GRPC_STARTED, "RPCs started on the server.", GRPC_LABELS, registry=r
-        )
-        self.handled = Counter(
-            MetricName.GRPC_HANDLED,
-            "RPCs completed on the server, regardless of success or failure.",
-            (*GRPC_LABELS, "grpc_code"),
-            registry=r,
-        )
-        self.msg_received = Counter(
-            MetricName.GRPC_MSG_RECEIVED,
-            "RPC stream messages received on the server.",
-            GRPC_LABELS,
-            registry=r,
-        )
-        self.msg_sent = Counter(
-            MetricName.GRPC_MSG_SENT,
-            "gRPC stream messages sent on the server.",
-            GRPC_LABELS,
-            registry=r,
-        )
-        self.handling = Histogram(
-            MetricName.GRPC_HANDLING,
-            "Response latency (seconds) of gRPC calls, request HEADERS to end of stream.",
-            GRPC_LABELS,
-            buckets=HANDLING_BUCKETS,
-            registry=r,
-        )
-        self.build_info = Gauge(
-            MetricName.BUILD_INFO, "The running build.", ["version"], registry=r
-        )
-        self.upstream_up = Gauge(
-            MetricName.UPSTREAM_UP, "1 while step-runner is reachable, else 0.", registry=r
-        )
-        self.decode_errors = Counter(
-            MetricName.DECODE_ERRORS, "Messages forwarded but not decoded.", ["message"], registry=r
-        )
-        self.unknown_fields = Counter(
-            MetricName.UNKNOWN_FIELDS,
-            "Decoded messages carrying fields this build does not know.",
-            ["message"],
-            registry=r,
-        )
-        self.tracked_jobs = Gauge(
-            MetricName.TRACKED_JOBS,
-            "Jobs currently remembered for exactly-once counting.",
-            registry=r,
-        )
-        self.evicted_jobs = Counter(
-            MetricName.EVICTED_JOBS, "Jobs forgotten before their outcome was seen.", registry=r
-        )
+        self._families = {spec: _family(spec, registry) for spec in METRICS}
+        self.jobs = self.counter(JOBS)
+        self.job_failures = self.counter(JOB_FAILURES)
+        self.job_duration = self.histogram(JOB_DURATION)
+        self.started = self.counter(GRPC_STARTED)
+        self.handled = self.counter(GRPC_HANDLED)
+        self.msg_received = self.counter(GRPC_MSG_RECEIVED)
+        self.msg_sent = self.counter(GRPC_MSG_SENT)
+        self.handling = self.histogram(GRPC_HANDLING)
+        self.build_info = self.gauge(BUILD_INFO)
+        self.upstream_up = self.gauge(UPSTREAM_UP)
+        self.decode_errors = self.counter(DECODE_ERRORS)
+        self.unknown_fields = self.counter(UNKNOWN_FIELDS)
+        self.tracked_jobs = self.gauge(TRACKED_JOBS)
+        self.evicted_jobs = self.counter(EVICTED_JOBS)
+        self.rejected_connections = self.counter(REJECTED_CONNECTIONS)
 
         self.build_info.labels(version).set(1)
         # Every series a dashboard or alert reads exists at 0 from the start.
@@ -206,6 +274,21 @@ class Metrics:
         self._methods: dict[Method, _MethodChildren] = {}
         for method in (*known_methods(package), UNKNOWN_METHOD):
             self._methods[method] = _MethodChildren(self, method)
+
+    def counter(self, spec: MetricSpec) -> Counter:
+        family = self._families[spec]
+        assert isinstance(family, Counter), spec
+        return family
+
+    def gauge(self, spec: MetricSpec) -> Gauge:
+        family = self._families[spec]
+        assert isinstance(family, Gauge), spec
+        return family
+
+    def histogram(self, spec: MetricSpec) -> Histogram:
+        family = self._families[spec]
+        assert isinstance(family, Histogram), spec
+        return family
 
     def _method(self, method: Method) -> _MethodChildren:
         children = self._methods.get(method)
@@ -257,6 +340,19 @@ class _MethodChildren:
         self.handled = {
             code: metrics.handled.labels(*values, name) for code, name in GO_CODE_NAMES.items()
         }
+
+
+def _family(spec: MetricSpec, registry: CollectorRegistry) -> Counter | Gauge | Histogram:
+    if spec.type is MetricType.HISTOGRAM:
+        return Histogram(
+            spec.name,
+            spec.documentation,
+            spec.labels,
+            buckets=spec.buckets or Histogram.DEFAULT_BUCKETS,
+            registry=registry,
+        )
+    kind = Counter if spec.type is MetricType.COUNTER else Gauge
+    return kind(spec.name, spec.documentation, spec.labels, registry=registry)
 
 
 def _failure_values(failure: Failure) -> Iterable[str]:

@@ -8,8 +8,18 @@ from prometheus_client.openmetrics.parser import text_string_to_metric_families 
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporter import classifier as c
+from exporter.app import Sidecar
+from exporter.config import parse_config
 from exporter.events import UNKNOWN_METHOD, CallEnded, Code, Method
-from exporter.metrics import MetricName, Metrics, labelled_registry
+from exporter.metrics import (
+    METRICS,
+    RESERVED_LABELS,
+    Metrics,
+    MetricType,
+    default_collector_series,
+    labelled_registry,
+    register_default_collectors,
+)
 
 RUN = Method("proto.StepRunner", "Run", "unary")
 FOLLOW = Method("proto.StepRunner", "FollowLogs", "server_stream")
@@ -24,9 +34,33 @@ def fresh(**labels: str) -> tuple[Metrics, CollectorRegistry, CollectorRegistry]
 def test_every_spec_metric_is_exposed() -> None:
     _, _, exposed = fresh()
     names = {f.name for f in text_string_to_metric_families(generate_latest(exposed).decode())}
-    for name in MetricName:
-        base = name.value.removesuffix("_total")
-        assert base in names, name
+    for spec in METRICS:
+        assert spec.name.removesuffix("_total") in names, spec
+
+
+def test_the_sidecar_exports_only_the_defined_metrics_with_their_types_and_labels() -> None:
+    # The whole sidecar, default collectors included: a metric registered anywhere but
+    # from METRICS shows up here.
+    config = parse_config({"listen": "unix:///run/a.sock", "upstream": "unix:///run/b.sock"})
+    sidecar = Sidecar(config, web=False)
+    families = {f.name: f for f in sidecar.exposed.collect()}
+    collectors = {name.removesuffix("_total") for name in default_collector_series()}
+    assert set(families) - collectors == {spec.name.removesuffix("_total") for spec in METRICS}
+    for spec in METRICS:
+        family = families[spec.name.removesuffix("_total")]
+        assert family.type == spec.type.value, spec
+        extra = {"le"} if spec.type is MetricType.HISTOGRAM else set()
+        for sample in family.samples:
+            assert set(spec.labels) <= set(sample.labels) <= set(spec.labels) | extra, sample
+
+
+def test_reserved_labels_cover_every_exported_label() -> None:
+    registry = CollectorRegistry()
+    Metrics(registry)
+    register_default_collectors(registry)
+    labels = {label for family in registry.collect() for s in family.samples for label in s.labels}
+    assert {"generation", "implementation", "major", "version"} <= labels
+    assert labels | {"job", "instance", "quantile"} <= RESERVED_LABELS
 
 
 def test_failure_combinations_exist_at_zero_from_start() -> None:
