@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import __version__
-from .config import ConfigError, load_config
+from .config import FLAGS, ConfigError, load_config
 from .logs import setup_logging
 from .webconfig import load_web_config
 
@@ -17,16 +17,6 @@ DEMO_NEEDS_GRPC = (
     "step-runner-exporter demo: needs grpcio, which the demo extra installs:"
     " pip install 'step-runner-exporter[demo]'"
 )
-
-# Flags that override a key of the config file.
-_OVERRIDES = {
-    "tap": "tap",
-    "listen": "listen",
-    "upstream": "upstream",
-    "web_listen_address": "web.listen_address",
-    "web_config_file": "web.config_file",
-    "log_level": "log.level",
-}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -40,21 +30,10 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run the sidecar")
     serve.add_argument("--config.file", dest="config_file", type=Path, help="YAML config file")
-    serve.add_argument(
-        "--tap",
-        help="what the listening socket speaks: step-runner (gRPC) or docker (Docker Engine API)",
-    )
-    serve.add_argument("--listen", help="where clients dial: unix:///abs/path.sock or HOST:PORT")
-    serve.add_argument(
-        "--upstream", help="step-runner's socket: unix:///abs/path.sock or HOST:PORT"
-    )
-    serve.add_argument(
-        "--web.listen-address", dest="web_listen_address", help="HOST:PORT of /metrics"
-    )
-    serve.add_argument(
-        "--web.config.file", dest="web_config_file", help="exporter-toolkit web config (TLS, auth)"
-    )
-    serve.add_argument("--log.level", dest="log_level", help="debug, info, warning or error")
+    for flag in FLAGS:
+        # dest is the key itself, so the parsed flags are the overrides as they are.
+        metavar = flag.key.replace(".", "_").upper()
+        serve.add_argument(flag.flag, dest=flag.key, metavar=metavar, help=flag.help)
 
     check = sub.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("--config.file", dest="config_file", type=Path, required=True)
@@ -108,9 +87,7 @@ def _check_config(path: Path) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     overrides = {
-        key: getattr(args, attr)
-        for attr, key in _OVERRIDES.items()
-        if getattr(args, attr) is not None
+        flag.key: getattr(args, flag.key) for flag in FLAGS if getattr(args, flag.key) is not None
     }
     try:
         config = load_config(args.config_file, overrides)

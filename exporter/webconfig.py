@@ -17,14 +17,30 @@ import ssl
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from types import MappingProxyType
+from typing import ClassVar
 
 import bcrypt
 
-from .config import Collector, ConfigError, KeyPath, Marks, Problem, parse_file, show
+from .yamlfile import (
+    Check,
+    Collector,
+    ConfigError,
+    KeyPath,
+    Marks,
+    Problem,
+    collected,
+    optional_section,
+    parse_file,
+    parse_section,
+    required,
+    section,
+    setting,
+    show,
+)
 
 CLIENT_AUTH_TYPES: Mapping[str, ssl.VerifyMode] = MappingProxyType(
     {
@@ -50,144 +66,7 @@ ALLOWED_HEADERS: Mapping[str, tuple[str, ...] | None] = MappingProxyType(
     }
 )
 
-_TOP_KEYS = ("tls_server_config", "http_server_config", "basic_auth_users")
-_TLS_KEYS = (
-    "cert_file",
-    "key_file",
-    "client_auth_type",
-    "client_ca_file",
-    "min_version",
-    "max_version",
-    "prefer_server_cipher_suites",
-)
-_HTTP_KEYS = ("http2", "headers")
-# exporter-toolkit keys this exporter refuses, and why.
-_UNSUPPORTED: Mapping[KeyPath, str] = MappingProxyType(
-    {
-        ("tls_server_config", "cert"): "inline certificates are not supported: use cert_file",
-        ("tls_server_config", "key"): "inline keys are not supported: use key_file",
-        ("tls_server_config", "client_ca"): "inline CAs are not supported: use client_ca_file",
-        ("tls_server_config", "client_allowed_sans"): "not supported by this exporter",
-        ("tls_server_config", "cipher_suites"): "not supported: OpenSSL's defaults apply",
-        ("tls_server_config", "curve_preferences"): "not supported: OpenSSL's defaults apply",
-        ("rate_limit",): "not supported by this exporter",
-    }
-)
 _BCRYPT_HASH = re.compile(r"\$2[abxy]?\$(\d\d)\$[./A-Za-z0-9]{53}")
-
-
-@dataclass(frozen=True, slots=True)
-class TLSServerConfig:
-    cert_file: Path
-    key_file: Path
-    client_auth_type: str = "NoClientCert"
-    client_ca_file: Path | None = None
-    min_version: str = "TLS12"
-    max_version: str = "TLS13"
-    prefer_server_cipher_suites: bool = True
-
-
-@dataclass(frozen=True, slots=True)
-class HTTPServerConfig:
-    http2: bool = True  # accepted for compatibility; the metrics server speaks HTTP/1.1
-    headers: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
-
-
-@dataclass(frozen=True, slots=True)
-class WebServerConfig:
-    tls_server_config: TLSServerConfig | None = None
-    http_server_config: HTTPServerConfig = HTTPServerConfig()
-    # user -> bcrypt hash; kept out of repr so logging the config cannot leak a hash.
-    basic_auth_users: Mapping[str, str] = field(
-        default_factory=lambda: MappingProxyType({}), repr=False
-    )
-
-    @property
-    def auth_required(self) -> bool:
-        return bool(self.basic_auth_users)
-
-
-def load_web_config(path: Path) -> WebServerConfig:
-    """Load and validate a web config file; relative file names in it are relative to
-    it, as in exporter-toolkit. Raises ConfigError listing every problem."""
-    return parse_file(
-        path, lambda doc: parse_web_config(doc.data, str(path), doc.marks, base_dir=path.parent)
-    )
-
-
-def parse_web_config(
-    data: object,
-    source: str = "<web config>",
-    marks: Marks | None = None,
-    *,
-    base_dir: Path | None = None,
-) -> WebServerConfig:
-    """Validate loaded YAML data, including that the TLS files load."""
-    c = Collector(source, marks)
-    if data is None:
-        data = {}
-    root = c.mapping(_drop_unsupported(c, data, ()), (), _TOP_KEYS)
-    tls = _tls(c, root.get("tls_server_config"), base_dir)
-    http = _http(c, root.get("http_server_config"))
-    users = _users(c, root.get("basic_auth_users"))
-    c.check()
-    if tls is not None:
-        _check_tls_files(c, tls)
-        c.check()
-    return WebServerConfig(tls, http, users)
-
-
-def _drop_unsupported(c: Collector, value: object, path: KeyPath) -> object:
-    # Reported with a clearer message than "unknown key", then left out.
-    if not isinstance(value, Mapping):
-        return value
-    kept = {}
-    for key, item in value.items():
-        reason = _UNSUPPORTED.get((*path, str(key)))
-        if reason is None:
-            kept[key] = item
-        else:
-            c.add((*path, str(key)), reason)
-    return kept
-
-
-def _tls(c: Collector, value: object, base_dir: Path | None) -> TLSServerConfig | None:
-    path = ("tls_server_config",)
-    if value is None:
-        return None
-    t = c.mapping(_drop_unsupported(c, value, path), path, _TLS_KEYS)
-    if not isinstance(value, Mapping):
-        return None
-    d = TLSServerConfig(Path(), Path())
-
-    def file(key: str) -> Path | None:
-        parsed = c.field(t, path, key, _file_name, None)
-        if parsed is None or base_dir is None or parsed.is_absolute():
-            return parsed
-        return base_dir / parsed
-
-    cert_file = file("cert_file")
-    key_file = file("key_file")
-    client_ca_file = file("client_ca_file")
-    auth = c.field(t, path, "client_auth_type", _client_auth_type, d.client_auth_type)
-    min_version = c.field(t, path, "min_version", _tls_version, d.min_version)
-    max_version = c.field(t, path, "max_version", _tls_version, d.max_version)
-    prefer = c.field(t, path, "prefer_server_cipher_suites", _bool, d.prefer_server_cipher_suites)
-    for key, given in (("cert_file", cert_file), ("key_file", key_file)):
-        if given is None and key not in t:
-            c.add((*path, key), f"required when tls_server_config is set (missing {key})")
-    if TLS_VERSIONS[min_version] > TLS_VERSIONS[max_version]:
-        c.add((*path, "max_version"), f"must not be below min_version ({min_version})")
-    verifies = CLIENT_AUTH_TYPES[auth] != ssl.CERT_NONE
-    if verifies and client_ca_file is None and "client_ca_file" not in t:
-        c.add((*path, "client_auth_type"), f"{auth} needs client_ca_file to verify against")
-    if auth == "NoClientCert" and client_ca_file is not None:
-        c.add((*path, "client_ca_file"), "set, but client_auth_type is NoClientCert")
-    if cert_file is None or key_file is None:
-        return None
-    return TLSServerConfig(
-        cert_file, key_file, auth, client_ca_file, min_version, max_version, prefer
-    )
 
 
 def _file_name(value: object) -> Path:
@@ -221,22 +100,18 @@ def _bool(value: object) -> bool:
     return value
 
 
-def _http(c: Collector, value: object) -> HTTPServerConfig:
-    path = ("http_server_config",)
-    h = c.mapping(value, path, _HTTP_KEYS)
-    http2 = c.field(h, path, "http2", _bool, True)
-    headers_value = h.get("headers")
+def _headers(c: Collector, value: object, path: KeyPath) -> Mapping[str, str]:
     headers: dict[str, str] = {}
-    if headers_value is not None and not isinstance(headers_value, Mapping):
-        c.add((*path, "headers"), f"expected a mapping, got {show(headers_value)}")
-    elif headers_value is not None:
-        for name, header in headers_value.items():
+    if value is not None and not isinstance(value, Mapping):
+        c.add(path, f"expected a mapping, got {show(value)}")
+    elif value is not None:
+        for name, header in value.items():
             problem = _header_problem(name, header)
             if problem is not None:
-                c.add((*path, "headers", str(name)), problem)
+                c.add((*path, str(name)), problem)
             elif header:  # blank means unset, as in exporter-toolkit
                 headers[name] = header
-    return HTTPServerConfig(http2, MappingProxyType(headers))
+    return MappingProxyType(headers)
 
 
 def _header_problem(name: object, value: object) -> str | None:
@@ -252,13 +127,12 @@ def _header_problem(name: object, value: object) -> str | None:
     return None
 
 
-def _users(c: Collector, value: object) -> Mapping[str, str]:
-    path = ("basic_auth_users",)
+def _users(c: Collector, value: object, path: KeyPath) -> Mapping[str, str]:
     if value is None:
-        return MappingProxyType({})
+        return _empty()
     if not isinstance(value, Mapping):
         c.add(path, f"expected a mapping of user names to bcrypt hashes, got {show(value)}")
-        return MappingProxyType({})
+        return _empty()
     users: dict[str, str] = {}
     for user, hashed in value.items():
         if not isinstance(user, str) or not user or ":" in user:
@@ -269,6 +143,119 @@ def _users(c: Collector, value: object) -> Mapping[str, str]:
         else:
             users[user] = hashed
     return MappingProxyType(users)
+
+
+def _empty() -> Mapping[str, str]:
+    return MappingProxyType({})
+
+
+def _verifies(auth: str) -> bool:
+    return CLIENT_AUTH_TYPES[auth] != ssl.CERT_NONE
+
+
+# --- the schema: one field per key ------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TLSServerConfig:
+    # Relative file names are relative to the web config file, as in exporter-toolkit.
+    cert_file: Path = required(_file_name, file_path=True)
+    key_file: Path = required(_file_name, file_path=True)
+    client_auth_type: str = setting("NoClientCert", _client_auth_type)
+    client_ca_file: Path | None = setting(None, _file_name, file_path=True)
+    min_version: str = setting("TLS12", _tls_version)
+    max_version: str = setting("TLS13", _tls_version)
+    prefer_server_cipher_suites: bool = setting(True, _bool)
+
+    # exporter-toolkit keys this exporter refuses, and why: clearer than "unknown key".
+    REFUSED: ClassVar[Mapping[str, str]] = MappingProxyType(
+        {
+            "cert": "inline certificates are not supported: use cert_file",
+            "key": "inline keys are not supported: use key_file",
+            "client_ca": "inline CAs are not supported: use client_ca_file",
+            "client_allowed_sans": "not supported by this exporter",
+            "cipher_suites": "not supported: OpenSSL's defaults apply",
+            "curve_preferences": "not supported: OpenSSL's defaults apply",
+        }
+    )
+    CHECKS: ClassVar[tuple[Check, ...]] = (
+        Check(
+            "max_version",
+            ("min_version", "max_version"),
+            lambda low, high: (
+                f"must not be below min_version ({low})"
+                if TLS_VERSIONS[low] > TLS_VERSIONS[high]
+                else None
+            ),
+        ),
+        Check(
+            "client_auth_type",
+            ("client_auth_type", "client_ca_file"),
+            lambda auth, ca: (
+                f"{auth} needs client_ca_file to verify against"
+                if _verifies(auth) and ca is None
+                else None
+            ),
+        ),
+        Check(
+            "client_ca_file",
+            ("client_auth_type", "client_ca_file"),
+            lambda auth, ca: (
+                "set, but client_auth_type is NoClientCert"
+                if auth == "NoClientCert" and ca is not None
+                else None
+            ),
+        ),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class HTTPServerConfig:
+    # Accepted for compatibility; the metrics server speaks HTTP/1.1.
+    http2: bool = setting(True, _bool)
+    headers: Mapping[str, str] = collected(_empty, _headers)
+
+
+@dataclass(frozen=True, slots=True)
+class WebServerConfig:
+    tls_server_config: TLSServerConfig | None = optional_section(TLSServerConfig)
+    http_server_config: HTTPServerConfig = section(HTTPServerConfig)
+    # user -> bcrypt hash; kept out of repr so logging the config cannot leak a hash.
+    basic_auth_users: Mapping[str, str] = collected(_empty, _users, repr=False)
+
+    REFUSED: ClassVar[Mapping[str, str]] = MappingProxyType(
+        {"rate_limit": "not supported by this exporter"}
+    )
+
+    @property
+    def auth_required(self) -> bool:
+        return bool(self.basic_auth_users)
+
+
+def load_web_config(path: Path) -> WebServerConfig:
+    """Load and validate a web config file; relative file names in it are relative to
+    it, as in exporter-toolkit. Raises ConfigError listing every problem."""
+    return parse_file(
+        path, lambda doc: parse_web_config(doc.data, str(path), doc.marks, base_dir=path.parent)
+    )
+
+
+def parse_web_config(
+    data: object,
+    source: str = "<web config>",
+    marks: Marks | None = None,
+    *,
+    base_dir: Path | None = None,
+) -> WebServerConfig:
+    """Validate loaded YAML data, including that the TLS files load."""
+    c = Collector(source, marks, base_dir=base_dir)
+    cfg = parse_section(c, WebServerConfig, {} if data is None else data)
+    c.check()
+    assert cfg is not None  # anything missing or invalid is a problem above
+    if cfg.tls_server_config is not None:
+        _check_tls_files(c, cfg.tls_server_config)
+        c.check()
+    return cfg
 
 
 def _check_tls_files(c: Collector, tls: TLSServerConfig) -> None:
