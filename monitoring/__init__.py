@@ -10,7 +10,8 @@
   as ConfigMaps for Grafana's dashboard sidecar (`kubectl apply -f`).
 - docs/runbooks/<AlertName>.md: written by hand; each alert's runbook_url points there.
 
-Parameters (SLO target, traffic guard, URLs, severities) are in `monitoring.settings`.
+Parameters (SLO target, traffic guard, URLs, severities, the selector of the sidecars'
+series) are in `monitoring.settings`, as a mixin's `_config` is.
 After changing anything here run `python -m monitoring.build`; `--check` fails when a
 committed output is stale, and so does tests/unit/test_monitoring_build.py.
 """

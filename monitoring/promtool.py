@@ -9,15 +9,18 @@ from typing import Any
 from exporter.classifier import Failure
 
 from .rules import Alert
+from .settings import SIDECAR_SELECTOR
 
-JOB = "step-runner-exporter"
+# The simulated sidecars carry SIDECAR_SELECTOR's labels, so the rules select them.
+JOB = SIDECAR_SELECTOR.get("job", "step-runner-exporter")
 
 TestCase = dict[str, Any]
 
 
 def target(runner: str, instance: str | None = None) -> dict[str, str]:
     """A sidecar's target labels plus its static `runner` label."""
-    return {"job": JOB, "instance": instance or f"{runner}:9854", "runner": runner}
+    labels = {"job": JOB, "instance": instance or f"{runner}:9854", "runner": runner}
+    return {**labels, **SIDECAR_SELECTOR}
 
 
 def selector(name: str, labels: Mapping[str, str]) -> str:

@@ -22,6 +22,7 @@ from .promtool import (
     test_file,
     traffic,
 )
+from .settings import SIDECAR_SELECTOR
 
 
 def _failure(kind: str) -> Failure:
@@ -38,7 +39,7 @@ R2 = target("runner-2")
 
 
 def _slo(runner: str, category: str = "infrastructure") -> dict[str, str]:
-    return {"job": JOB, "runner": runner, "category": category}
+    return {"job": JOB, "runner": runner, **SIDECAR_SELECTOR, "category": category}
 
 
 def _rounded(window: str, runner: str, category: str) -> tuple[str, str]:
@@ -354,7 +355,7 @@ def _availability_cases() -> list[TestCase]:
             "name": "a sidecar that stops being scraped pages; other targets do not",
             "interval": "1m",
             "input_series": [
-                series("up", "1x9 0x20", {"job": JOB, "instance": R1["instance"]}),
+                series("up", "1x9 0x20", {k: v for k, v in R1.items() if k != "runner"}),
                 series("step_runner_exporter_build_info", "1x9 _x20", build_info),
                 series("up", "0x29", node),
             ],
@@ -369,7 +370,8 @@ def _availability_cases() -> list[TestCase]:
             "input_series": [series("up", "1x29", node)],
             "alert_rule_test": [
                 alert_test("10m", EXPORTER_ABSENT),
-                alert_test("20m", EXPORTER_ABSENT, fired(EXPORTER_ABSENT, {})),
+                # absent() has the labels its selector matches on equality.
+                alert_test("20m", EXPORTER_ABSENT, fired(EXPORTER_ABSENT, SIDECAR_SELECTOR)),
             ],
         },
         {

@@ -8,21 +8,36 @@ from dataclasses import dataclass
 from typing import Any
 
 from .links import JOB_FAILURES, SIDECAR, DashboardRef, dashboard_url, runbook_url
+from .promql import sidecar_series
 from .settings import (
     EVICTED_JOB_RATIO,
     MIN_JOBS_PER_HOUR,
     RATE_WINDOWS,
     SEVERITY_PAGE,
     SEVERITY_TICKET,
+    SIDECAR_SELECTOR,
     SLO_LABELS,
     SLO_TARGET,
     UNKNOWN_FAILURE_RATIO,
     error_budget,
 )
 
-SLO_BY = ", ".join(SLO_LABELS)
+
+def _keeping_selector(*labels: str) -> str:
+    # SIDECAR_SELECTOR's labels (a cluster, say) hold one value each: aggregations keep
+    # them, so alerts and ratios still say which setup they are about.
+    return ", ".join(dict.fromkeys((*labels, *SIDECAR_SELECTOR)))
+
+
+SLO_BY = _keeping_selector(*SLO_LABELS)
+FAILURES_METRIC = "step_runner_job_failures_total"
+# The raw series the rules read, as the sidecars export them (settings.SIDECAR_SELECTOR).
+JOBS = sidecar_series("step_runner_jobs_total")
+FAILURES = sidecar_series(FAILURES_METRIC)
+BUILD_INFO = sidecar_series("step_runner_exporter_build_info")
+EVICTED = sidecar_series("step_runner_exporter_evicted_jobs_total")
 # Per-sidecar alerts keep the sidecar's identity.
-INSTANCE_BY = "job, runner, instance"
+INSTANCE_BY = _keeping_selector("job", "runner", "instance")
 
 
 def _expr(text: str) -> str:
@@ -100,8 +115,8 @@ class Group:
 
 def _window_rules(window: str) -> tuple[Record, ...]:
     return (
-        Record(jobs_rate(window), f"rate(step_runner_jobs_total[{window}])"),
-        Record(failures_rate(window), f"rate(step_runner_job_failures_total[{window}])"),
+        Record(jobs_rate(window), f"rate({JOBS}[{window}])"),
+        Record(failures_rate(window), f"rate({FAILURES}[{window}])"),
         # Divided by all jobs, whatever their result, as GitLab's CI runner SLI does.
         Record(
             failure_ratio(window),
@@ -180,9 +195,9 @@ JOB_FAILURE_ALERTS = Group(
             # is step-runner reporting its own internal error in Status.
             _expr(f"""
                 sum by ({INSTANCE_BY}, source, kind) (
-                  increase(step_runner_job_failures_total{{source="grpc_internal"}}[10m])
+                  increase({sidecar_series(FAILURES_METRIC, 'source="grpc_internal"')}[10m])
                   or
-                  increase(step_runner_job_failures_total{{kind="internal"}}[10m])
+                  increase({sidecar_series(FAILURES_METRIC, 'kind="internal"')}[10m])
                 ) > 0
             """),
             SEVERITY_TICKET,
@@ -250,15 +265,17 @@ WIRE_FORMAT_ALERTS = Group(
     (
         _wire_alert(
             "StepRunnerSchemaDrift",
-            "step_runner_exporter_unknown_fields_total"
-            f"{{{_message_matcher(CLASSIFYING_MESSAGES)}}}",
+            sidecar_series(
+                "step_runner_exporter_unknown_fields_total",
+                _message_matcher(CLASSIFYING_MESSAGES),
+            ),
             "step-runner sends fields the exporter does not know",
             "carried protobuf fields unknown to the exporter",
             ", in messages that decide how jobs are classified",
         ),
         _wire_alert(
             "StepRunnerDecodeErrors",
-            "step_runner_exporter_decode_errors_total",
+            sidecar_series("step_runner_exporter_decode_errors_total"),
             "The exporter cannot decode step-runner messages",
             "could not be decoded (their jobs may be misclassified or not counted)",
             "",
@@ -271,7 +288,7 @@ AVAILABILITY_ALERTS = Group(
     (
         Alert(
             "StepRunnerUpstreamDown",
-            "step_runner_exporter_upstream_up == 0",
+            f"{sidecar_series('step_runner_exporter_upstream_up')} == 0",
             SEVERITY_PAGE,
             "step-runner behind {{ $labels.instance }} is unreachable",
             "The sidecar on {{ $labels.instance }} (runner {{ $labels.runner }}) has not "
@@ -284,10 +301,10 @@ AVAILABILITY_ALERTS = Group(
             "StepRunnerExporterDown",
             # Only targets that were a sidecar within the hour; `up` alone would match
             # every target of the Prometheus.
-            _expr("""
-                (up == 0)
+            _expr(f"""
+                ({sidecar_series("up")} == 0)
                 * on (job, instance) group_left (runner)
-                max by (job, instance, runner) (max_over_time(step_runner_exporter_build_info[1h]))
+                max by (job, instance, runner) (max_over_time({BUILD_INFO}[1h]))
             """),
             SEVERITY_PAGE,
             "step-runner-exporter {{ $labels.instance }} is not being scraped",
@@ -301,7 +318,7 @@ AVAILABILITY_ALERTS = Group(
         ),
         Alert(
             "StepRunnerExporterAbsent",
-            "absent(step_runner_exporter_build_info)",
+            f"absent({BUILD_INFO})",
             SEVERITY_TICKET,
             "No step-runner-exporter is scraped by this Prometheus",
             "No series step_runner_exporter_build_info has existed for 15 minutes: no "
@@ -313,11 +330,11 @@ AVAILABILITY_ALERTS = Group(
         Alert(
             "StepRunnerJobsEvicted",
             _expr(f"""
-                sum by ({INSTANCE_BY}) (rate(step_runner_exporter_evicted_jobs_total[1h]))
+                sum by ({INSTANCE_BY}) (rate({EVICTED}[1h]))
                 /
                 (
-                  sum by ({INSTANCE_BY}) (rate(step_runner_exporter_evicted_jobs_total[1h]))
-                  + sum by ({INSTANCE_BY}) (rate(step_runner_jobs_total[1h]))
+                  sum by ({INSTANCE_BY}) (rate({EVICTED}[1h]))
+                  + sum by ({INSTANCE_BY}) (rate({JOBS}[1h]))
                 )
                 > {EVICTED_JOB_RATIO:g}
             """),

@@ -6,6 +6,16 @@ dashboard and Kubernetes manifest follows.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
+# Which series are the sidecars', the way kubernetes-mixin's `_config` selectors say it:
+# label matchers (name: value) that every query of a raw series carries, and that the
+# rule tests give their simulated sidecars. Empty reads the metric names from whatever
+# target exports them. Set it when the sidecars' scrape job has its own name, or one
+# Prometheus holds several setups: {"job": "ci-sidecars"}, or
+# {"job": "ci-sidecars", "cluster": "eu-1"}; then run `python -m monitoring.build`.
+SIDECAR_SELECTOR: Mapping[str, str] = {}
+
 # Where the runbooks are read: `runbook_url` is this plus `<AlertName>.md`.
 RUNBOOK_BASE_URL = "https://gitlab.example.com/sre/step-runner-exporter/-/blob/main/docs/runbooks/"
 # Grafana's public URL: `dashboard_url` is this plus `/d/<uid>/<slug>`.
