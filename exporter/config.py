@@ -23,10 +23,10 @@ from .yamlfile import (
     Check,
     Collector,
     ConfigError,
-    KeyPath,
     Marks,
     Problem,
     collected,
+    empty_mapping,
     flags,
     merge_overrides,
     nullable,
@@ -37,6 +37,7 @@ from .yamlfile import (
     section,
     setting,
     show,
+    string_mapping,
 )
 
 # Static label names that would clash with a metric's own labels (kept with the metrics).
@@ -297,25 +298,15 @@ def _file_path(value: object) -> Path:
     return Path(value)
 
 
-def _labels(c: Collector, value: object, path: KeyPath) -> Mapping[str, str]:
-    if value is None:
-        return _no_labels()
-    if not isinstance(value, Mapping):
-        c.add(path, f"expected a mapping of label names to values, got {show(value)}")
-        return _no_labels()
-    labels: dict[str, str] = {}
-    for name, label_value in value.items():
-        key = (*path, str(name))
-        problem = _label_name_problem(name)
-        if problem is not None:
-            c.add(key, problem)
-        elif not isinstance(label_value, str):
-            c.add(key, f"label values must be strings (quote it), got {show(label_value)}")
-        elif not label_value:
-            c.add(key, "label value must not be empty: Prometheus drops empty labels")
-        else:
-            labels[name] = label_value
-    return MappingProxyType(labels)
+def _label_problem(name: object, value: object) -> str | None:
+    problem = _label_name_problem(name)
+    if problem is not None:
+        return problem
+    if not isinstance(value, str):
+        return f"label values must be strings (quote it), got {show(value)}"
+    if not value:
+        return "label value must not be empty: Prometheus drops empty labels"
+    return None
 
 
 def _label_name_problem(name: object) -> str | None:
@@ -326,10 +317,6 @@ def _label_name_problem(name: object) -> str | None:
     if name in RESERVED_LABEL_NAMES:
         return f"label name {name!r} clashes with a label of the exporter's own metrics"
     return None
-
-
-def _no_labels() -> Mapping[str, str]:
-    return MappingProxyType({})
 
 
 # --- the configuration: one field per key ---------------------------------------------
@@ -449,7 +436,10 @@ class Config:
     socket: SocketConfig = section(SocketConfig)
     service_package: str = setting("proto", _parse_package)
     web: WebConfig = section(WebConfig)
-    labels: Mapping[str, str] = collected(_no_labels, _labels)  # read-only
+    labels: Mapping[str, str] = collected(
+        empty_mapping,
+        string_mapping("expected a mapping of label names to values", _label_problem),
+    )
     jobs: JobsConfig = section(JobsConfig)
     observer: ObserverConfig = section(ObserverConfig)
     limits: LimitsConfig = section(LimitsConfig)

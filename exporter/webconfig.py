@@ -29,10 +29,10 @@ from .yamlfile import (
     Check,
     Collector,
     ConfigError,
-    KeyPath,
     Marks,
     Problem,
     collected,
+    empty_mapping,
     optional_section,
     parse_file,
     parse_section,
@@ -40,6 +40,7 @@ from .yamlfile import (
     section,
     setting,
     show,
+    string_mapping,
 )
 
 CLIENT_AUTH_TYPES: Mapping[str, ssl.VerifyMode] = MappingProxyType(
@@ -100,20 +101,6 @@ def _bool(value: object) -> bool:
     return value
 
 
-def _headers(c: Collector, value: object, path: KeyPath) -> Mapping[str, str]:
-    headers: dict[str, str] = {}
-    if value is not None and not isinstance(value, Mapping):
-        c.add(path, f"expected a mapping, got {show(value)}")
-    elif value is not None:
-        for name, header in value.items():
-            problem = _header_problem(name, header)
-            if problem is not None:
-                c.add((*path, str(name)), problem)
-            elif header:  # blank means unset, as in exporter-toolkit
-                headers[name] = header
-    return MappingProxyType(headers)
-
-
 def _header_problem(name: object, value: object) -> str | None:
     if not isinstance(name, str) or name not in ALLOWED_HEADERS:
         return f"cannot be configured (allowed: {', '.join(ALLOWED_HEADERS)})"
@@ -127,26 +114,13 @@ def _header_problem(name: object, value: object) -> str | None:
     return None
 
 
-def _users(c: Collector, value: object, path: KeyPath) -> Mapping[str, str]:
-    if value is None:
-        return _empty()
-    if not isinstance(value, Mapping):
-        c.add(path, f"expected a mapping of user names to bcrypt hashes, got {show(value)}")
-        return _empty()
-    users: dict[str, str] = {}
-    for user, hashed in value.items():
-        if not isinstance(user, str) or not user or ":" in user:
-            c.add((*path, str(user)), "user names must be non-empty strings without ':'")
-        elif not isinstance(hashed, str) or not _BCRYPT_HASH.fullmatch(hashed):
-            # The value may be a password pasted by mistake: never echo it.
-            c.add((*path, user), "expected a bcrypt hash ($2y$10$...), got something else")
-        else:
-            users[user] = hashed
-    return MappingProxyType(users)
-
-
-def _empty() -> Mapping[str, str]:
-    return MappingProxyType({})
+def _user_problem(user: object, hashed: object) -> str | None:
+    if not isinstance(user, str) or not user or ":" in user:
+        return "user names must be non-empty strings without ':'"
+    if not isinstance(hashed, str) or not _BCRYPT_HASH.fullmatch(hashed):
+        # The value may be a password pasted by mistake: never echo it.
+        return "expected a bcrypt hash ($2y$10$...), got something else"
+    return None
 
 
 def _verifies(auth: str) -> bool:
@@ -213,7 +187,11 @@ class TLSServerConfig:
 class HTTPServerConfig:
     # Accepted for compatibility; the metrics server speaks HTTP/1.1.
     http2: bool = setting(True, _bool)
-    headers: Mapping[str, str] = collected(_empty, _headers)
+    # A blank value means unset, as in exporter-toolkit.
+    headers: Mapping[str, str] = collected(
+        empty_mapping,
+        string_mapping("expected a mapping", _header_problem, keep_blank=False),
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,7 +199,11 @@ class WebServerConfig:
     tls_server_config: TLSServerConfig | None = optional_section(TLSServerConfig)
     http_server_config: HTTPServerConfig = section(HTTPServerConfig)
     # user -> bcrypt hash; kept out of repr so logging the config cannot leak a hash.
-    basic_auth_users: Mapping[str, str] = collected(_empty, _users, repr=False)
+    basic_auth_users: Mapping[str, str] = collected(
+        empty_mapping,
+        string_mapping("expected a mapping of user names to bcrypt hashes", _user_problem),
+        repr=False,
+    )
 
     REFUSED: ClassVar[Mapping[str, str]] = MappingProxyType(
         {"rate_limit": "not supported by this exporter"}

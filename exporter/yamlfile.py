@@ -299,6 +299,36 @@ def collected(default_factory: Callable[[], T], collect: Collect[T], *, repr: bo
     return field(default_factory=default_factory, metadata={_KEY: key}, repr=repr)
 
 
+def empty_mapping() -> Mapping[str, str]:
+    return MappingProxyType({})
+
+
+def string_mapping(
+    expected: str, problem: Callable[[object, object], str | None], *, keep_blank: bool = True
+) -> Collect[Mapping[str, str]]:
+    """A parser for a mapping of user-chosen names to strings (labels, users, headers):
+    `expected` says what it must be; `problem(name, value)` is an entry's message, or
+    None when both are valid strings (or the value is null). Entries with a problem are
+    left out, and so are blank values unless `keep_blank`. The result is read-only."""
+
+    def collect(c: Collector, value: object, path: KeyPath) -> Mapping[str, str]:
+        if value is None:
+            return empty_mapping()
+        if not isinstance(value, Mapping):
+            c.add(path, f"{expected}, got {show(value)}")
+            return empty_mapping()
+        entries: dict[str, str] = {}
+        for name, item in value.items():
+            message = problem(name, item)
+            if message is not None:
+                c.add((*path, str(name)), message)
+            elif item or keep_blank:
+                entries[cast(str, name)] = cast(str, item)
+        return MappingProxyType(entries)
+
+    return collect
+
+
 def section(cls: type[S]) -> S:
     """A nested mapping read as the dataclass `cls`; absent means all its defaults."""
     return field(default_factory=cls, metadata={_KEY: Key(section=cls)})
