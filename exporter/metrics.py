@@ -158,6 +158,7 @@ REJECTED_CONNECTIONS = _metric(
     "Client connections closed at once because limits.max_connections were open.",
 )
 
+# Defined above this line, so that it is in here.
 METRICS: tuple[MetricSpec, ...] = tuple(_DEFINED)
 
 # The process, platform and GC collectors every Prometheus Python exporter exposes.

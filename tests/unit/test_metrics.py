@@ -8,6 +8,7 @@ from prometheus_client.openmetrics.parser import text_string_to_metric_families 
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporter import classifier as c
+from exporter import metrics as metrics_module
 from exporter.app import Sidecar
 from exporter.config import parse_config
 from exporter.events import UNKNOWN_METHOD, CallEnded, Code, Method
@@ -15,6 +16,7 @@ from exporter.metrics import (
     METRICS,
     RESERVED_LABELS,
     Metrics,
+    MetricSpec,
     MetricType,
     default_collector_series,
     labelled_registry,
@@ -52,6 +54,12 @@ def test_the_sidecar_exports_only_the_defined_metrics_with_their_types_and_label
         extra = {"le"} if spec.type is MetricType.HISTOGRAM else set()
         for sample in family.samples:
             assert set(spec.labels) <= set(sample.labels) <= set(spec.labels) | extra, sample
+
+
+def test_every_metric_defined_is_in_the_list() -> None:
+    defined = {v for v in vars(metrics_module).values() if isinstance(v, MetricSpec)}
+    assert defined == set(METRICS)
+    assert len({spec.name for spec in METRICS}) == len(METRICS)
 
 
 def test_reserved_labels_cover_every_exported_label() -> None:
