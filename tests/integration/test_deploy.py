@@ -19,11 +19,14 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import grp
+import importlib.util
 import json
 import os
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import urllib.error
@@ -34,12 +37,20 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from exporter.config import load_config
 from exporter.simulator import run_jobs
+from tests.integration.docker_daemon import DockerDaemon, docker_daemon, unavailable
 from tests.integration.harness import short_tmpdir, simulated_step_runner_thread, wait_until
 from tests.unit.test_deploy_files import (
     CONFIG_IN_IMAGE,
     CONFIG_ON_VM,
     DEPLOY,
+    DOCKER_CONFIG_ON_HOST,
+    DOCKER_GROUP,
+    DOCKER_LAYOUTS,
+    DOCKER_UNIT,
+    IN_PLACE_LAYOUT,
+    DockerLayout,
     KUSTOMIZE_DIR,
     REPO,
     UNIT_FILE,
@@ -47,7 +58,10 @@ from tests.unit.test_deploy_files import (
     compose,
     console_script,
     copy_sources,
+    docker_exec_start,
+    docker_unit_of,
     dockerfile_stages,
+    effective_directives,
     exec_start,
     final_stage,
     image_command,
@@ -108,7 +122,9 @@ def test_promtool_accepts_the_compose_prometheus_with_its_rules_and_targets(
     assert " rules found" in output
 
 
-@pytest.mark.parametrize("name", ["prometheus.yml", "federation.yml", "remote-write.yml"])
+@pytest.mark.parametrize(
+    "name", ["prometheus.yml", "federation.yml", "remote-write.yml", "docker-autoscaler.yml"]
+)
 def test_promtool_accepts_the_example_configs(name: str) -> None:
     promtool = tool("promtool")
     result = run([promtool, "check", "config", str(DEPLOY / "prometheus" / name)])
@@ -172,6 +188,101 @@ def test_systemd_analyze_rates_the_sandbox_ok() -> None:
     (verdict,) = [line for line in result.stdout.splitlines() if "Overall exposure level" in line]
     exposure = float(verdict.split(":")[1].split()[0])
     assert exposure <= 2.0, verdict
+
+
+# --- systemd: the docker tap's unit and drop-ins -----------------------------------------
+
+SYSTEM_UNITS = Path("/usr/lib/systemd/system")
+EXEC_SETTINGS = ("ExecStartPre", "ExecStart", "ExecStartPost", "ExecReload", "ExecStop")
+
+
+def stub_commands(root: Path, directives: dict[str, list[str]]) -> None:
+    """An executable under root for every command a unit runs, so that verify checks the
+    paths without the binaries installed (dockerd, /bin/kill, the console script)."""
+    for setting in EXEC_SETTINGS:
+        for command in directives.get(f"Service.{setting}", []):
+            binary = command.split()[0].lstrip("-@:+!")
+            target = root / binary.lstrip("/")
+            if binary.startswith("/") and not target.exists():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_text("#!/bin/sh\n", encoding="utf-8")
+                target.chmod(0o755)
+
+
+def install_docker_layout(layout: DockerLayout, root: Path) -> list[str]:
+    """The layout installed under root as docs/deployment.md installs it (the unit and
+    every drop-in in /etc/systemd/system, the system's own units beside them); returns
+    the names of the units it touches."""
+    if not (SYSTEM_UNITS / "sysinit.target").exists():
+        pytest.skip("no systemd unit directory to verify against")
+    units = root / "etc/systemd/system"
+    units.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(SYSTEM_UNITS, root / "usr/lib/systemd/system", symlinks=True)
+    shutil.copy(DOCKER_UNIT, units / DOCKER_UNIT.name)
+    names = [DOCKER_UNIT.name, *(n for n in layout.dropins if n != DOCKER_UNIT.name)]
+    for name, dropin in layout.dropins.items():
+        (units / f"{name}.d").mkdir(exist_ok=True)
+        shutil.copy(dropin, units / f"{name}.d" / dropin.name)
+    for name in names:
+        base = units / name if (units / name).exists() else SYSTEM_UNITS / name
+        if not base.exists():
+            unavailable(f"{base} is missing: Debian's docker.io installs it (make docker-bin)")
+        dropins = [layout.dropins[name]] if name in layout.dropins else []
+        stub_commands(root, effective_directives(base, *dropins))
+    return names
+
+
+@pytest.mark.parametrize("layout", DOCKER_LAYOUTS, ids=lambda layout: layout.name)
+def test_systemd_analyze_verifies_the_docker_tap_units(layout: DockerLayout, tmp_path: Path) -> None:
+    analyze = tool("systemd-analyze")
+    names = install_docker_layout(layout, tmp_path)
+    assert len(names) == 1 + len(set(layout.dropins) - {DOCKER_UNIT.name})
+    for name in names:
+        result = run([analyze, "verify", f"--root={tmp_path}", name])
+        # verify exits 0 on directives it ignores; anything it prints is a problem.
+        assert result.returncode == 0 and not result.stderr.strip(), f"{name}: {result.stderr}"
+
+
+def test_systemd_analyze_verify_catches_a_broken_drop_in(tmp_path: Path) -> None:
+    analyze = tool("systemd-analyze")
+    broken = tmp_path / "docker.socket.d" / "10-step-runner-exporter.conf"
+    broken.parent.mkdir()
+    text = IN_PLACE_LAYOUT.dropins["docker.socket"].read_text(encoding="utf-8")
+    broken.write_text(text.replace("=/run/docker/daemon.sock", "=run/daemon.sock"), "utf-8")
+    layout = DockerLayout("broken", IN_PLACE_LAYOUT.config, {"docker.socket": broken})
+    install_docker_layout(layout, tmp_path / "root")
+    result = run([analyze, "verify", f"--root={tmp_path / 'root'}", "docker.socket"])
+    assert "run/daemon.sock" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("layout", DOCKER_LAYOUTS, ids=lambda layout: layout.name)
+def test_systemd_analyze_rates_the_docker_tap_sandbox_ok(
+    layout: DockerLayout, tmp_path: Path
+) -> None:
+    analyze = tool("systemd-analyze")
+    install_docker_layout(layout, tmp_path)
+    argv = [analyze, "security", "--offline=yes", f"--root={tmp_path}", "--threshold=20"]
+    result = run([*argv, DOCKER_UNIT.name])
+    if "Unknown option" in result.stderr or "unrecognized option" in result.stderr:
+        pytest.skip(f"this systemd-analyze cannot analyse unit files offline: {result.stderr}")
+    assert result.returncode == 0, result.stdout + result.stderr
+    (verdict,) = [line for line in result.stdout.splitlines() if "Overall exposure level" in line]
+    assert float(verdict.split(":")[1].split()[0]) <= 2.0, verdict
+    # The drop-in's root user is what security sees in place of the daemon's socket.
+    runs_as_root = "Service runs as root user" in result.stdout
+    assert runs_as_root == (layout is IN_PLACE_LAYOUT), result.stdout
+
+
+@pytest.mark.parametrize("layout", DOCKER_LAYOUTS, ids=lambda layout: layout.name)
+def test_docker_tap_configs_pass_check_config(layout: DockerLayout, tmp_path: Path) -> None:
+    check = [str(VENV_BIN / console_script()), "check-config", "--config.file"]
+    result = run([*check, str(layout.config)])
+    assert result.returncode == 0, result.stdout + result.stderr
+    broken = tmp_path / "docker.yml"
+    text = layout.config.read_text(encoding="utf-8")
+    broken.write_text(text.replace("tap: docker", "tap: dockerd"), encoding="utf-8")
+    result = run([*check, str(broken)])
+    assert result.returncode != 0 and "tap" in result.stdout + result.stderr
 
 
 # --- kustomize -------------------------------------------------------------------------
@@ -439,3 +550,97 @@ def test_sidecar_runs_as_the_container_starts_it_behind_the_compose_demo() -> No
                 if simulator.poll() is None:
                     simulator.kill()
                     simulator.wait(10)
+
+
+# --- smoke test: the docker tap as its unit starts it, in front of a real daemon ----------
+
+
+def docker_tap_implemented() -> bool:
+    """Whether this build has the docker tap's own code (SPEC section 7), not only the
+    `tap` key: then its metrics must count what passed."""
+    return importlib.util.find_spec("exporter.taps") is not None
+
+
+def family_total(text: str, name: str) -> float | None:
+    values = [value for sample, _, value in samples(text) if sample == name]
+    return sum(values) if values else None
+
+
+@pytest.mark.parametrize("layout", DOCKER_LAYOUTS, ids=lambda layout: layout.name)
+def test_docker_tap_runs_as_its_unit_starts_it_in_front_of_a_real_daemon(
+    layout: DockerLayout,
+) -> None:
+    """The unit's ExecStart on the layout's config, only the socket paths and the web port
+    relocated by flags, between the docker CLI and a real dockerd: the CLI gets exactly
+    what it gets from the daemon, /metrics sees the daemon, SIGTERM leaves the final
+    scrape and then a socket nobody can reach (what Runner meets while the tap is down)."""
+    try:
+        docker_gid = grp.getgrnam(DOCKER_GROUP).gr_gid
+    except KeyError:
+        unavailable(f"no group {DOCKER_GROUP} on this machine (Debian's docker.io creates it)")
+    argv = replace_paths(
+        docker_exec_start(),
+        {
+            docker_exec_start()[0]: str(VENV_BIN / console_script()),
+            DOCKER_CONFIG_ON_HOST: str(layout.config),
+        },
+    )
+    assert argv[1:] == ["serve", "--config.file", str(layout.config)]
+    env = dict(os.environ)
+    for value in docker_unit_of(layout)["Service.Environment"]:
+        for item in value.split():
+            name, _, setting = item.partition("=")
+            env[name] = setting
+    config = load_config(layout.config)
+    port = free_port()
+    with docker_daemon() as daemon, short_tmpdir() as directory:
+        tap = f"unix://{directory}/docker.sock"
+        relocated = [
+            *argv,
+            *("--listen", tap, "--upstream", daemon.host),
+            *("--web.listen-address", f"127.0.0.1:{port}"),
+        ]
+        log = Path(directory) / "sidecar.log"
+        with sidecar_process(relocated, env, log, port) as process:
+            # The socket as the config says: the daemon's permissions, group docker.
+            st = os.stat(socket_path_of(tap))
+            assert (stat.S_IMODE(st.st_mode), st.st_gid) == (config.socket.mode, docker_gid)
+            compare_through_tap(daemon, tap)
+            text = http_get(f"http://127.0.0.1:{port}/metrics")[1]
+            assert ("step_runner_exporter_upstream_up", 1.0) in [
+                (name, value) for name, _, value in samples(text)
+            ]
+            if docker_tap_implemented():
+                requests = family_total(text, "step_runner_exporter_docker_requests_total")
+                assert requests is not None and requests >= 4, requests
+                sessions = family_total(text, "step_runner_exporter_docker_exec_sessions_total")
+                assert sessions == 0, "no exec was started"
+            final = stop_with_final_scrape(process, port, log)
+        assert family_total(final, "step_runner_jobs_total") == 0
+        assert all(
+            labels.get("runner") == config.labels.get("runner") for _, labels, _ in samples(final)
+        )
+        # The tap is down: what GitLab Runner and docker CLI users get through it.
+        down = daemon.cli("ps", host=tap, check=False)
+        assert down.returncode != 0
+        assert f"Cannot connect to the Docker daemon at {tap}" in down.stderr, down.stderr
+
+
+def socket_path_of(address: str) -> str:
+    return address.removeprefix("unix://")
+
+
+def compare_through_tap(daemon: DockerDaemon, tap: str) -> None:
+    """A few ordinary API calls through the tap and direct, with the same answers."""
+    image = daemon.import_image("srx-deploy-smoke", {"/srx-smoke": b"#!/bin/sh\n"})
+    created = daemon.cli("create", "--network", "none", image, "/srx-smoke", host=tap)
+    container = created.stdout.strip()
+    listing = ("ps", "-a", "--no-trunc", "--format", "{{.ID}} {{.Image}} {{.Command}}")
+    through, direct = daemon.cli(*listing, host=tap), daemon.cli(*listing)
+    assert through.stdout == direct.stdout and container in through.stdout
+    inspect = ("inspect", "--format", "{{.Id}} {{.Config.Cmd}} {{.State.Status}}", container)
+    assert daemon.cli(*inspect, host=tap).stdout == daemon.cli(*inspect).stdout
+    version = ("version", "--format", "{{.Server.APIVersion}}")
+    assert daemon.cli(*version, host=tap).stdout == daemon.cli(*version).stdout
+    daemon.cli("rm", container, host=tap)
+    assert container not in daemon.cli("ps", "-a", "--no-trunc", "-q").stdout

@@ -36,6 +36,9 @@ MONITORING_DIR = KUSTOMIZE_DIR / "monitoring"
 RUNNER_DIR = KUSTOMIZE_DIR / "gitlab-runner"
 COMPOSE_FILE = DEPLOY / "compose" / "compose.yaml"
 UNIT_FILE = DEPLOY / "systemd" / "step-runner-exporter.service"
+DOCKER_TAP = DEPLOY / "systemd" / "docker-tap"
+DOCKER_UNIT = DOCKER_TAP / "step-runner-exporter-docker.service"
+IN_PLACE = DOCKER_TAP / "in-place"
 DOCS = REPO / "docs" / "deployment.md"
 
 WEB_PORT = 9854
@@ -43,6 +46,8 @@ SIDECAR = "step-runner-exporter"
 CONFIG_IN_IMAGE = "/etc/step-runner-exporter/config.yml"
 # Where the docs install the VM config; the unit reads it from there.
 CONFIG_ON_VM = "/etc/step-runner-exporter/config.yml"
+# Where the docs install the docker tap's config (either layout's); its unit reads it.
+DOCKER_CONFIG_ON_HOST = "/etc/step-runner-exporter/docker.yml"
 # The oldest Kubernetes with native sidecars (initContainers with restartPolicy: Always)
 # and the newest one kubernetes-validate knows.
 KUBERNETES_VERSIONS = ("1.29", "latest")
@@ -907,8 +912,9 @@ def exec_start() -> list[str]:
     return shlex.split(unit_value("Service.ExecStart"))
 
 
-def test_unit_is_sandboxed() -> None:
-    service = {k.removeprefix("Service."): v for k, v in unit_directives().items()}
+@pytest.mark.parametrize("unit", [UNIT_FILE, DOCKER_UNIT], ids=lambda p: p.name)
+def test_unit_is_sandboxed(unit: Path) -> None:
+    service = {k.removeprefix("Service."): v for k, v in unit_directives(unit).items()}
     assert service.get("DynamicUser") == ["yes"] or "User" in service
     required = {
         "ProtectSystem": "strict",
@@ -972,6 +978,179 @@ def test_step_runner_unit_serves_the_vm_upstream_socket() -> None:
     )
     config = load_config(DEPLOY / "systemd" / "config.yml")
     assert f"{environment['TMPDIR']}/step-runner.sock" == socket_path(str(config.upstream))
+
+
+# --- the docker tap (SPEC section 7) ---------------------------------------------------
+
+# Where Docker's packaging puts the daemon's socket (docker.socket's ListenStream); /var/run
+# is a symlink to /run on every systemd host, and Runner and the docker CLI use this path.
+DAEMON_SOCKET = "/var/run/docker.sock"
+DOCKER_GROUP = "docker"
+TAP_UNIT_NAME = DOCKER_UNIT.name
+# GitLab Runner retries a failed job preparation 3 s apart (common.PreparationRetryInterval).
+RUNNER_PREPARE_RETRY_SECONDS = 3.0
+
+
+@dataclass(frozen=True)
+class DockerLayout:
+    """One way to deploy the docker tap: its config file and the drop-ins it installs,
+    by the unit each one extends."""
+
+    name: str
+    config: Path
+    dropins: Mapping[str, Path]
+
+
+BESIDE = DockerLayout("beside", DOCKER_TAP / "docker.yml", {})
+IN_PLACE_LAYOUT = DockerLayout(
+    "in-place",
+    IN_PLACE / "docker.yml",
+    {
+        unit: IN_PLACE / f"{unit}.d" / "10-step-runner-exporter.conf"
+        for unit in ("docker.service", "docker.socket")
+    }
+    | {TAP_UNIT_NAME: IN_PLACE / f"{TAP_UNIT_NAME}.d" / "10-in-place.conf"},
+)
+DOCKER_LAYOUTS = (BESIDE, IN_PLACE_LAYOUT)
+
+
+def effective_directives(unit: Path, *dropins: Path) -> dict[str, list[str]]:
+    """A unit's settings after its drop-ins, as systemd reads them: every assignment in
+    order (a single-valued setting is its last one, see `last`), and an empty assignment
+    resets the setting."""
+    merged: dict[str, list[str]] = {}
+    for path in (unit, *dropins):
+        for key, values in unit_directives(path).items():
+            for value in values:
+                if value == "":
+                    merged[key] = []
+                else:
+                    merged.setdefault(key, []).append(value)
+    return merged
+
+
+def last(directives: Mapping[str, list[str]], key: str) -> str:
+    return directives[key][-1]
+
+
+def words(directives: Mapping[str, list[str]], key: str) -> list[str]:
+    return [word for value in directives.get(key, []) for word in value.split()]
+
+
+def seconds(value: str) -> float:
+    """A systemd time span of the simple forms the units use (500ms, 2s, 1min)."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)(ms|s|min)?", value)
+    assert match, f"unexpected time span {value!r}"
+    factor = {"ms": 0.001, "s": 1.0, "min": 60.0, None: 1.0}[match.group(2)]
+    return float(match.group(1)) * factor
+
+
+def docker_unit_of(layout: DockerLayout) -> dict[str, list[str]]:
+    extra = [layout.dropins[TAP_UNIT_NAME]] if TAP_UNIT_NAME in layout.dropins else []
+    return effective_directives(DOCKER_UNIT, *extra)
+
+
+def docker_exec_start() -> list[str]:
+    (start,) = unit_directives(DOCKER_UNIT)["Service.ExecStart"]
+    return shlex.split(start)
+
+
+def docker_tap_runner() -> dict[str, Any]:
+    config = tomllib.loads((DOCKER_TAP / "gitlab-runner-config.toml").read_text(encoding="utf-8"))
+    (runner,) = config["runners"]
+    return runner  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("layout", DOCKER_LAYOUTS, ids=lambda layout: layout.name)
+def test_docker_tap_configs_are_valid(layout: DockerLayout) -> None:
+    config = load_config(layout.config)
+    assert config.tap == "docker"
+    assert config.listen is not None and config.upstream is not None
+    assert config.listen.kind == "unix" and config.upstream.kind == "unix"
+    # The daemon's own permissions: root-equivalent group docker, nobody else.
+    assert config.socket.mode == 0o660
+    assert config.socket.group == DOCKER_GROUP
+    assert config.web.listen_address == ("0.0.0.0", WEB_PORT)
+    directives = docker_unit_of(layout)
+    assert seconds(last(directives, "Service.TimeoutStopSec")) > stop_budget(config)
+    assert DOCKER_GROUP in words(directives, "Service.SupplementaryGroups")
+
+
+def test_docker_tap_unit_runs_the_console_script_and_always_restarts_fast() -> None:
+    argv = docker_exec_start()
+    assert argv[0] == f"{venv_dir_of_build()}/bin/{console_script()}"
+    assert argv[1:] == ["serve", "--config.file", DOCKER_CONFIG_ON_HOST]
+    directives = unit_directives(DOCKER_UNIT)
+    assert directives["Service.Restart"] == ["always"]
+    (restart_sec,) = directives["Service.RestartSec"]
+    # Back before Runner's next preparation attempt, with room for start-up (~0.2 s).
+    assert seconds(restart_sec) <= RUNNER_PREPARE_RETRY_SECONDS / 3
+    assert directives["Unit.StartLimitIntervalSec"] == ["0"], "never give up restarting"
+    assert "docker.service" in words(directives, "Unit.After")
+    assert "gitlab-runner.service" in words(directives, "Unit.Before")
+    assert "docker.service" in words(directives, "Install.WantedBy")
+    # The tap outlives a daemon restart (its socket and bind mounts of it stay valid).
+    assert "Unit.BindsTo" not in directives and "Unit.PartOf" not in directives
+    assert directives["Service.CapabilityBoundingSet"] == [""]
+    # socket.group is a chown of its own socket; the syscall filter must let it through.
+    assert directives["Service.SystemCallFilter"][-1] == "@chown"
+
+
+def test_docker_tap_beside_the_daemon() -> None:
+    config = load_config(BESIDE.config)
+    directives = docker_unit_of(BESIDE)
+    (runtime_directory,) = directives["Service.RuntimeDirectory"]
+    listen = socket_path(str(config.listen))
+    assert posixpath.dirname(listen) == f"/run/{runtime_directory}"
+    assert socket_path(str(config.upstream)) == DAEMON_SOCKET
+    assert last(directives, "Service.DynamicUser") == "yes"
+    # The one line of GitLab Runner's config.toml: Docker's host is the tap.
+    runner = docker_tap_runner()
+    assert runner["executor"] == "docker"
+    assert runner["docker"]["host"] == str(config.listen)
+
+
+def test_docker_tap_in_place_of_the_daemon_socket() -> None:
+    config = load_config(IN_PLACE_LAYOUT.config)
+    assert socket_path(str(config.listen)) == DAEMON_SOCKET
+    # docker.socket moves: its packaged ListenStream is reset, the daemon's new one is the
+    # tap's upstream, and it stays out of the directory the tap binds in.
+    socket_dropin = unit_directives(IN_PLACE_LAYOUT.dropins["docker.socket"])
+    assert socket_dropin["Socket.ListenStream"][0] == "", "the packaged path must be reset"
+    (moved,) = effective_directives(
+        IN_PLACE_LAYOUT.dropins["docker.socket"]
+    )["Socket.ListenStream"]
+    assert moved == socket_path(str(config.upstream))
+    assert posixpath.dirname(moved) != "/run"
+    # Starting the daemon starts its public face.
+    service_dropin = unit_directives(IN_PLACE_LAYOUT.dropins["docker.service"])
+    assert service_dropin["Unit.Wants"] == [TAP_UNIT_NAME]
+    # uid 0 without a single capability: only root may create a file in /run.
+    directives = docker_unit_of(IN_PLACE_LAYOUT)
+    assert last(directives, "Service.DynamicUser") == "no"
+    assert last(directives, "Service.User") == "root"
+    assert directives["Service.CapabilityBoundingSet"] == []
+    assert unit_directives(DOCKER_UNIT)["Service.CapabilityBoundingSet"] == [""]
+    assert directives.get("Service.RuntimeDirectory") == []
+    (writable,) = directives["Service.ReadWritePaths"]
+    assert posixpath.dirname(DAEMON_SOCKET).replace("/var/run", "/run") == writable
+    # One image serves a fleet: `runner` comes from service discovery, not the file.
+    assert dict(config.labels) == {}
+    job = load_yaml(DEPLOY / "prometheus" / "docker-autoscaler.yml")["scrape_configs"][0]
+    assert job["job_name"] == SIDECAR
+    assert job["sample_limit"] == prometheus_scrape_job()["sample_limit"]
+    assert {sd["port"] for sd in job["ec2_sd_configs"]} == {WEB_PORT}
+    assert "runner" in {r["target_label"] for r in job["relabel_configs"]}
+
+
+def test_effective_directives_reset_on_an_empty_assignment(tmp_path: Path) -> None:
+    base, dropin = tmp_path / "a.socket", tmp_path / "b.conf"
+    base.write_text("[Socket]\nListenStream=/run/a.sock\nSocketMode=0660\n", encoding="utf-8")
+    dropin.write_text("[Socket]\nListenStream=\nListenStream=/run/b.sock\n", encoding="utf-8")
+    merged = effective_directives(base, dropin)
+    assert merged["Socket.ListenStream"] == ["/run/b.sock"]
+    assert merged["Socket.SocketMode"] == ["0660"]
+    assert seconds("500ms") == 0.5 and seconds("2s") == 2.0
 
 
 # --- docs ----------------------------------------------------------------------------
