@@ -1117,9 +1117,7 @@ def test_docker_tap_in_place_of_the_daemon_socket() -> None:
     # tap's upstream, and it stays out of the directory the tap binds in.
     socket_dropin = unit_directives(IN_PLACE_LAYOUT.dropins["docker.socket"])
     assert socket_dropin["Socket.ListenStream"][0] == "", "the packaged path must be reset"
-    (moved,) = effective_directives(
-        IN_PLACE_LAYOUT.dropins["docker.socket"]
-    )["Socket.ListenStream"]
+    (moved,) = effective_directives(IN_PLACE_LAYOUT.dropins["docker.socket"])["Socket.ListenStream"]
     assert moved == socket_path(str(config.upstream))
     assert posixpath.dirname(moved) != "/run"
     # Starting the daemon starts its public face.
@@ -1169,3 +1167,77 @@ def test_deployment_guide_covers_every_deploy_file() -> None:
     headings = re.findall(r"^## (.+)$", guide, re.M)
     for target in ("Container image", "Kubernetes", "VM with systemd", "Compose", "Prometheus"):
         assert any(h.startswith(target) for h in headings), f"no section for {target}"
+
+
+README = REPO / "README.md"
+# A repository path as the docs write it: a top-level directory, then path characters;
+# `<name>` and `$name` are placeholders and `*` a glob, each matching one path segment.
+REPO_PATH = re.compile(
+    r"(?<![\w./$<>-])((?:deploy|docs|examples|rules|dashboards|tests|exporter|monitoring"
+    r"|benchmarks)/[\w./*<>$-]*)"
+)
+EXECUTOR_TABLE = re.compile(r"<!-- executor-table:.*?-->\n(.*?)<!-- /executor-table -->", re.S)
+EXECUTORS = {
+    "Docker",
+    "docker-autoscaler",
+    "docker+machine",
+    "Kubernetes",
+    "instance",
+    "shell",
+    "nested `run:` steps",
+}
+
+
+def repository_paths(text: str) -> set[str]:
+    return {match.rstrip(".,:;") for match in REPO_PATH.findall(text)}
+
+
+def path_exists(path: str) -> bool:
+    pattern = re.sub(r"<[^>/]*>|\$\w+", "*", path)
+    if "*" in pattern:
+        return any(REPO.glob(pattern))
+    return (REPO / pattern).exists()
+
+
+@pytest.mark.parametrize("doc", [README, DOCS], ids=lambda p: p.name)
+def test_every_repository_path_in_the_docs_exists(doc: Path) -> None:
+    paths = repository_paths(doc.read_text(encoding="utf-8"))
+    assert "deploy/systemd/docker-tap/docker.yml" in paths
+    missing = sorted(path for path in paths if not path_exists(path))
+    assert not missing, f"{doc.name} names files that do not exist: {missing}"
+
+
+def test_repository_paths_are_found_and_checked() -> None:
+    text = "see `deploy/nope.yml`, [x](docs/runbooks/<Alert>.md) and /etc/deploy/x, `rules/*.yml`."
+    assert repository_paths(text) == {"deploy/nope.yml", "docs/runbooks/<Alert>.md", "rules/*.yml"}
+    assert not path_exists("deploy/nope.yml")
+    assert path_exists("deploy/systemd/docker-tap/in-place/$unit.d/*.conf")
+
+
+def executor_table(doc: Path) -> str:
+    (table,) = EXECUTOR_TABLE.findall(doc.read_text(encoding="utf-8"))
+    return str(table)
+
+
+def test_executor_table_is_the_same_in_readme_and_guide() -> None:
+    table = executor_table(DOCS)
+    assert executor_table(README) == table
+    rows = [line.split("|")[1:-1] for line in table.strip().splitlines()[2:]]
+    assert {cells[0].strip() for cells in rows} == EXECUTORS
+    covered = {cells[0].strip(): cells[2].strip() for cells in rows}
+    assert {name for name, verdict in covered.items() if verdict == "yes"} == {
+        "Docker",
+        "docker-autoscaler",
+    }
+    assert covered["shell"] == "cannot be tapped"
+
+
+def test_docs_give_the_paths_of_the_docker_tap_files() -> None:
+    guide, readme = DOCS.read_text(encoding="utf-8"), README.read_text(encoding="utf-8")
+    host_line = f'host = "{docker_tap_runner()["docker"]["host"]}"'
+    assert host_line in guide and host_line in readme
+    for layout in DOCKER_LAYOUTS:
+        config = load_config(layout.config)
+        for address in (config.listen, config.upstream):
+            assert socket_path(str(address)) in guide, address
+            assert socket_path(str(address)) in readme, address
