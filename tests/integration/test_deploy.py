@@ -653,3 +653,24 @@ def compare_through_tap(daemon: DockerDaemon, tap: str) -> None:
     assert daemon.cli(*version, host=tap).stdout == daemon.cli(*version).stdout
     daemon.cli("rm", container, host=tap)
     assert container not in daemon.cli("ps", "-a", "--no-trunc", "-q").stdout
+    # docker-autoscaler's transport: Runner runs `docker system dial-stdio` on the instance
+    # (over SSH) and speaks the API through its stdin and stdout.
+    through_stdio, direct_stdio = ping_through_dial_stdio(tap), ping_through_dial_stdio(daemon.host)
+    assert through_stdio == direct_stdio and through_stdio[0] == "HTTP/1.1 200 OK", through_stdio
+
+
+def ping_through_dial_stdio(host: str) -> list[str]:
+    """`GET /_ping` over `docker -H HOST system dial-stdio`: the status line, the headers
+    that do not change from one answer to the next, and the body."""
+    request = b"GET /_ping HTTP/1.1\r\nHost: docker\r\nConnection: close\r\n\r\n"
+    result = subprocess.run(
+        ["docker", "-H", host, "system", "dial-stdio"],
+        input=request,
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    head, _, body = result.stdout.decode().partition("\r\n\r\n")
+    status, *headers = head.split("\r\n")
+    return [status, *sorted(h for h in headers if not h.startswith("Date:")), body]
