@@ -68,10 +68,12 @@ from tests.unit.test_deploy_files import (
     image_config_source,
     kustomization_needs_monitoring,
     kustomize_build,
+    last,
     memory_limit,
     podmonitor,
     unit_directives,
     venv_dir_of_build,
+    words,
 )
 
 pytestmark = pytest.mark.integration
@@ -575,7 +577,10 @@ def test_docker_tap_runs_as_its_unit_starts_it_in_front_of_a_real_daemon(
     """The unit's ExecStart on the layout's config, only the socket paths and the web port
     relocated by flags, between the docker CLI and a real dockerd: the CLI gets exactly
     what it gets from the daemon, /metrics sees the daemon, SIGTERM leaves the final
-    scrape and then a socket nobody can reach (what Runner meets while the tap is down)."""
+    scrape and then a socket nobody can reach (what Runner meets while the tap is down).
+    In place of the daemon's socket it also runs with the drop-in's identity, uid 0
+    without a capability, and the daemon's socket in a 0700 directory as /run/docker is.
+    (The beside layout's dynamic user is systemd's to make.)"""
     try:
         docker_gid = grp.getgrnam(DOCKER_GROUP).gr_gid
     except KeyError:
@@ -603,7 +608,13 @@ def test_docker_tap_runs_as_its_unit_starts_it_in_front_of_a_real_daemon(
             *("--web.listen-address", f"127.0.0.1:{port}"),
         ]
         log = Path(directory) / "sidecar.log"
-        with sidecar_process(relocated, env, log, port) as process:
+        identity: list[str] = []
+        if layout is IN_PLACE_LAYOUT:
+            assert stat.S_IMODE(os.stat(daemon.dir).st_mode) == 0o700
+            identity = setpriv_as(docker_unit_of(layout))
+        with sidecar_process([*identity, *relocated], env, log, port) as process:
+            if identity:
+                assert capabilities(process.pid) == {"CapEff": 0, "CapPrm": 0, "CapBnd": 0}
             # The socket as the config says: the daemon's permissions, group docker.
             st = os.stat(socket_path_of(tap))
             assert (stat.S_IMODE(st.st_mode), st.st_gid) == (config.socket.mode, docker_gid)
@@ -628,6 +639,29 @@ def test_docker_tap_runs_as_its_unit_starts_it_in_front_of_a_real_daemon(
         down = daemon.cli("ps", host=tap, check=False)
         assert down.returncode != 0
         assert f"Cannot connect to the Docker daemon at {tap}" in down.stderr, down.stderr
+
+
+def setpriv_as(directives: dict[str, list[str]]) -> list[str]:
+    """A command prefix giving a process the in-place unit's identity without systemd:
+    uid 0, its supplementary groups, no capability in any set, no new privileges."""
+    setpriv = tool("setpriv")
+    assert last(directives, "Service.User") == "root"
+    assert directives["Service.CapabilityBoundingSet"] == [], "an empty bounding set"
+    assert last(directives, "Service.NoNewPrivileges") == "yes"
+    groups = [grp.getgrnam(g).gr_gid for g in words(directives, "Service.SupplementaryGroups")]
+    return [
+        setpriv,
+        *("--reuid=0", "--regid=0", f"--groups={','.join(map(str, groups))}"),
+        *("--inh-caps=-all", "--ambient-caps=-all", "--bounding-set=-all", "--no-new-privs"),
+        "--",
+    ]
+
+
+def capabilities(pid: int) -> dict[str, int]:
+    fields = dict(
+        line.split(":\t", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+    )
+    return {name: int(fields[name], 16) for name in ("CapEff", "CapPrm", "CapBnd")}
 
 
 def docker_requests(port: int) -> float:
