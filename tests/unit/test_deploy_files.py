@@ -1241,3 +1241,20 @@ def test_docs_give_the_paths_of_the_docker_tap_files() -> None:
         for address in (config.listen, config.upstream):
             assert socket_path(str(address)) in guide, address
             assert socket_path(str(address)) in readme, address
+
+
+def heading_anchors(doc: Path) -> set[str]:
+    """GitHub's anchors of a document's headings: lower case, punctuation dropped,
+    spaces to hyphens."""
+    headings = re.findall(r"^#+ (.+)$", doc.read_text(encoding="utf-8"), re.M)
+    return {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in headings}
+
+
+@pytest.mark.parametrize("doc", [README, DOCS], ids=lambda p: p.name)
+def test_every_link_to_a_section_finds_it(doc: Path) -> None:
+    links = re.findall(r"\]\(([\w./-]*)#([\w-]+)\)", doc.read_text(encoding="utf-8"))
+    assert links
+    for target, anchor in links:
+        linked = doc if not target else (doc.parent / target).resolve()
+        assert anchor in heading_anchors(linked), f"{doc.name}: {target}#{anchor}"
+    assert "in-place-of-the-daemons-socket-docker-autoscaler-instances" in heading_anchors(DOCS)
