@@ -1,0 +1,153 @@
+"""CPU the observer alone spends per connection, without sockets (issues 10-12).
+
+    python -m benchmarks.replay [--rounds N] [--jobs N] [--workload NAME]
+
+Workloads:
+
+- `captures`: every recorded connection of the test corpus, replayed in record order
+  through a fresh observer each (the process-wide HPACK memos warm, as in a running
+  sidecar): microseconds of CPU per connection.
+- `shared`, `shared_deadline`: one long-lived connection carrying `--jobs` job
+  lifecycles (Run, FollowLogs with a 4 KiB log, Status, Close), 16 in flight, its
+  header blocks written by one hpack encoder per side as grpc-go writes them
+  (without and with a per-call grpc-timeout): microseconds of CPU per job.
+
+Each figure is the median of `--rounds` runs, measured with time.process_time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import struct
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+if not __package__:  # run as `python benchmarks/replay.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import hpack
+
+from exporter.events import CallEnded, Method
+from exporter.h2 import PREFACE
+from exporter.observer import ConnectionObserver
+from exporter.proto import step_pb2
+from tests.unit.captures import CAPTURES, CLIENT, SERVER, read_h2cap
+from tests.wire import frame, grpc_message, request_headers
+
+DATA, HEADERS, SETTINGS = 0x0, 0x1, 0x4
+END_STREAM, END_HEADERS = 0x1, 0x4
+IN_FLIGHT = 16
+
+
+class NullSink:
+    def call_started(self, method: Method) -> None:
+        pass
+
+    def call_ended(self, call: CallEnded) -> None:
+        pass
+
+    def decode_error(self, message: str) -> None:
+        pass
+
+    def unknown_fields(self, message: str) -> None:
+        pass
+
+
+Feed = list[tuple[int, bytes]]  # (direction, bytes)
+
+
+def _captures() -> list[Feed]:
+    feeds = []
+    for path in sorted(CAPTURES.glob("*.h2cap")):
+        feeds.append([(r.direction, r.data) for r in read_h2cap(path) if r.direction <= SERVER])
+    if not feeds:
+        raise SystemExit(f"no captures at {CAPTURES}")
+    return feeds
+
+
+def shared_connection(jobs: int, *, deadline: bool) -> Feed:
+    """One connection, `jobs` lifecycles with IN_FLIGHT interleaved, as bytes."""
+    client, server = hpack.Encoder(), hpack.Encoder()
+    out: Feed = [(CLIENT, PREFACE + frame(SETTINGS, 0, 0)), (SERVER, frame(SETTINGS, 0, 0))]
+    response = [(":status", "200"), ("content-type", "application/grpc")]
+    log = grpc_message(step_pb2.FollowLogsResponse(data=b"L" * 1024).SerializeToString())
+    calls = ("Run", "FollowLogs", "Status", "Close")
+    stream = 1
+    for first in range(0, jobs, IN_FLIGHT):
+        batch = range(first, min(jobs, first + IN_FLIGHT))
+        for name in calls:
+            for job in batch:
+                # grpc-go writes the time left, which differs from call to call.
+                timeout = f"{59_999_000 + (stream * 7919) % 1000}u" if deadline else None
+                headers = request_headers(f"/proto.StepRunner/{name}", timeout)
+                body = step_pb2.RunRequest(id=str(job)).SerializeToString()
+                out.append(
+                    (
+                        CLIENT,
+                        frame(HEADERS, END_HEADERS, stream, client.encode(headers))
+                        + frame(DATA, END_STREAM, stream, grpc_message(body)),
+                    )
+                )
+                reply = frame(HEADERS, END_HEADERS, stream, server.encode(response))
+                if name == "FollowLogs":
+                    reply += frame(DATA, 0, stream, log * 4)
+                elif name == "Status":
+                    status = step_pb2.Status(id=str(job), status=step_pb2.StepResult.success)
+                    message = step_pb2.StatusResponse(jobs=[status]).SerializeToString()
+                    reply += frame(DATA, 0, stream, grpc_message(message))
+                else:
+                    reply += frame(DATA, 0, stream, grpc_message(b""))
+                trailers = [("grpc-status", "0"), ("grpc-message", "")]
+                reply += frame(HEADERS, END_HEADERS | END_STREAM, stream, server.encode(trailers))
+                out.append((SERVER, reply))
+                stream += 2
+    return out
+
+
+def _run(feeds: list[Feed]) -> float:
+    sink = NullSink()
+    start = time.process_time()
+    for feed in feeds:
+        observer = ConnectionObserver(sink)
+        for direction, data in feed:
+            if direction == CLIENT:
+                observer.client_data(data, 0.0)
+            else:
+                observer.server_data(data, 0.0)
+        observer.connection_lost(0.0)
+        assert not observer.failed
+    return time.process_time() - start
+
+
+def measure(name: str, rounds: int, jobs: int) -> tuple[float, str]:
+    per: Callable[[float], float]
+    if name == "captures":
+        feeds = _captures() * 20
+        per, unit = (lambda t: t / len(feeds)), "connection"
+    else:
+        feeds = [shared_connection(jobs, deadline=name == "shared_deadline")]
+        per, unit = (lambda t: t / jobs), "job"
+    _run(feeds)  # warm the memos as a running sidecar has them
+    return statistics.median(per(_run(feeds)) for _ in range(rounds)) * 1e6, unit
+
+
+WORKLOADS = ("captures", "shared", "shared_deadline")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.replay")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--jobs", type=int, default=2000)
+    parser.add_argument("--workload", choices=WORKLOADS, action="append")
+    args = parser.parse_args(argv)
+    for name in args.workload or WORKLOADS:
+        us, unit = measure(name, args.rounds, args.jobs)
+        print(f"{name:16} {us:8.1f} us CPU per {unit}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
