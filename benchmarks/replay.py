@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import struct
 import sys
 import time
 from collections.abc import Callable

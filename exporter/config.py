@@ -18,6 +18,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import ClassVar, Literal
 
+from .methods import is_package, service_name
 from .metrics import RESERVED_LABELS
 from .yamlfile import (
     Check,
@@ -53,7 +54,6 @@ TAPS = ("step-runner", "docker")
 _MAX_UNIX_PATH_BYTES = 107
 _HOSTNAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,252}")
 _LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
-_PROTO_PACKAGE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*")
 _OCTAL_MODE = re.compile(r"(?:0o)?[0-7]{1,4}")
 _DURATION = re.compile(r"(?:\d+(?:\.\d+)?(?:ms|d|h|m|s))+")
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|d|h|m|s)")
@@ -269,8 +269,10 @@ def _owner(value: object) -> str | int:
     raise ValueError(f"expected a name, a numeric id or null, got {show(value)}")
 
 
-def _parse_package(value: object) -> str:
-    if not isinstance(value, str) or not _PROTO_PACKAGE.fullmatch(value):
+def _parse_package(value: object) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not is_package(value):
         raise ValueError(
             f"expected a protobuf package name like 'proto' or 'gitlab.step', got {show(value)}"
         )
@@ -434,7 +436,8 @@ class Config:
         help="step-runner's socket: unix:///abs/path.sock or HOST:PORT",
     )
     socket: SocketConfig = section(SocketConfig)
-    service_package: str = setting("proto", _parse_package)
+    # None: any package (SPEC section 2); a name pins one.
+    service_package: str | None = setting(None, _parse_package)
     web: WebConfig = section(WebConfig)
     labels: Mapping[str, str] = collected(
         empty_mapping,
@@ -460,9 +463,9 @@ class Config:
     )
 
     @property
-    def grpc_service(self) -> str:
-        """The full service name, `proto.StepRunner` by default."""
-        return f"{self.service_package}.StepRunner"
+    def grpc_service(self) -> str | None:
+        """The pinned service name (`step.StepRunner`), or None for any package."""
+        return service_name(self.service_package) if self.service_package is not None else None
 
 
 # Override keys (load_config) and the command-line flags they come from, in schema order.

@@ -43,11 +43,39 @@ _SETTING = struct.Struct(">HI")
 _PREFACE_LEN = len(PREFACE)
 # HEADERS flags that the fast path leaves to the general one.
 _BLOCK_FLAGS = FLAG_END_HEADERS | FLAG_PADDED | FLAG_PRIORITY
+_PADDABLE = (DATA, HEADERS, PUSH_PROMISE)
+_GOAWAY_FIXED = 8  # last stream id and error code; any debug data after it is skipped
+
+# The shape of each frame type (RFC 9113 section 6), the one definition both paths of
+# the walker apply: its name, its fixed payload length (None: any), and whether it
+# belongs to a stream (True), to the connection (False) or to either (None).
+_SHAPES: dict[int, tuple[str, int | None, bool | None]] = {
+    DATA: ("DATA", None, True),
+    HEADERS: ("HEADERS", None, True),
+    PRIORITY: ("PRIORITY", 5, True),
+    RST_STREAM: ("RST_STREAM", 4, True),
+    SETTINGS: ("SETTINGS", None, False),
+    PUSH_PROMISE: ("PUSH_PROMISE", None, True),
+    PING: ("PING", 8, False),
+    GOAWAY: ("GOAWAY", None, False),
+    WINDOW_UPDATE: ("WINDOW_UPDATE", 4, None),
+    CONTINUATION: ("CONTINUATION", None, True),
+}
+# (type, length, on the connection) of the frames that carry nothing the observer
+# needs: the fast path skips them when their header has exactly this shape, and
+# leaves any other header of their type to _check.
+_SKIP_WHEN = frozenset(
+    (ftype, size, on_connection)
+    for ftype in (PING, WINDOW_UPDATE)
+    for _name, size, on_stream in [_SHAPES[ftype]]
+    for on_connection in (True, False)
+    if on_stream is None or on_stream is not on_connection
+)
 
 # Walker states.
 _HEAD = 0  # collecting the 9-byte frame header
-_BODY = 1  # collecting a whole (non-streamed) frame payload
-_PASS = 2  # passing an unpadded DATA payload on (or skipping an unknown frame)
+_BODY = 1  # collecting a frame payload (or its first bytes) to handle it whole
+_PASS = 2  # passing a DATA payload on (or skipping an unknown frame, padding, debug data)
 
 DataFeed = Callable[[memoryview], None]
 
@@ -56,8 +84,54 @@ class H2Error(Exception):
     """The bytes are not an HTTP/2 stream this walker can follow."""
 
 
+class Budget:
+    """The bytes one connection's observer may hold, shared by everything that holds
+    some: both frame walkers, the message assemblers of every stream, the HPACK
+    tables, the open calls. Without it, each part's own limit would multiply."""
+
+    __slots__ = ("left", "total")
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.left = total
+
+    def take(self, size: int) -> bool:
+        if size > self.left:
+            return False
+        self.left -= size
+        return True
+
+    def give(self, size: int) -> None:
+        self.left += size
+
+    @property
+    def held(self) -> int:
+        return self.total - self.left
+
+
 def _noop(*_: object) -> None:
     return None
+
+
+def _check(ftype: int, flags: int, length: int, stream: int) -> None:
+    """Raise H2Error unless a frame header has its type's shape (unknown types pass:
+    they are ignored, RFC 9113 section 5.5)."""
+    shape = _SHAPES.get(ftype)
+    if shape is None:
+        return
+    name, size, on_stream = shape
+    if size is not None and length != size:
+        raise H2Error(f"bad {name} length {length}")
+    if on_stream is True and not stream:
+        raise H2Error(f"{name} on stream 0")
+    if on_stream is False and stream:
+        raise H2Error(f"{name} on a stream")
+    if ftype == SETTINGS and (length % 6 or (flags & FLAG_ACK and length)):
+        raise H2Error("bad SETTINGS length")
+    if ftype == GOAWAY and length < _GOAWAY_FIXED:
+        raise H2Error("GOAWAY truncated")
+    if flags & FLAG_PADDED and not length and ftype in _PADDABLE:
+        raise H2Error("bad padding")
 
 
 class FrameReader:
@@ -72,6 +146,10 @@ class FrameReader:
     - on_data_end(stream_id): a DATA frame with END_STREAM was fully read.
     - on_rst_stream(stream_id, error_code), on_goaway(last_stream_id, error_code).
     - on_settings(ack, [(identifier, value), ...]).
+
+    What it holds, a frame split over reads (DATA excepted: it is passed on as it
+    comes, padding skipped) and a header block waiting for its CONTINUATIONs, comes
+    out of `budget`; what does not fit raises H2Error.
     """
 
     __slots__ = (
@@ -79,10 +157,13 @@ class FrameReader:
         "_block_end_stream",
         "_block_push",
         "_block_stream",
+        "_budget",
         "_buf",
         "_data_target",
         "_flags",
+        "_held",
         "_left",
+        "_length",
         "_need",
         "_on_data_end",
         "_on_goaway",
@@ -90,6 +171,7 @@ class FrameReader:
         "_on_push_promise",
         "_on_rst_stream",
         "_on_settings",
+        "_pad",
         "_preface_seen",
         "_state",
         "_stream",
@@ -108,6 +190,7 @@ class FrameReader:
         on_settings: Callable[[bool, list[tuple[int, int]]], None] = _noop,
         on_goaway: Callable[[int, int], None] = _noop,
         on_push_promise: Callable[[bytes], None] = _noop,
+        budget: Budget | None = None,
     ) -> None:
         self._on_headers = on_headers
         self._data_target = data_target
@@ -116,18 +199,26 @@ class FrameReader:
         self._on_settings = on_settings
         self._on_goaway = on_goaway
         self._on_push_promise = on_push_promise
+        self._budget = budget if budget is not None else Budget(1 << 62)
         self._preface_seen = 0 if preface else len(PREFACE)
         self._buf = bytearray()
         self._state = _HEAD
         self._need = 9
+        self._held = 0  # budget taken for the frame being collected
         self._left = 0
+        self._pad = 0  # padding to skip after the DATA payload being passed on
         self._target: DataFeed | None = None
-        self._type = self._flags = self._stream = 0
+        self._type = self._flags = self._stream = self._length = 0
         # A header block waiting for its CONTINUATION frames.
         self._block: bytearray | None = None
         self._block_stream = 0
         self._block_end_stream = False
         self._block_push = False
+
+    @property
+    def held(self) -> int:
+        """Bytes of the budget this walker holds (a split frame, a header block)."""
+        return self._held + (len(self._block) if self._block is not None else 0)
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         mv = memoryview(data)
@@ -138,7 +229,8 @@ class FrameReader:
         if self._state != _HEAD or self._buf:
             pos = self._resume(mv, pos, end)
         # The common case, frames that arrive whole, is dispatched here with as little
-        # per-frame work as possible; anything split over reads goes through _resume.
+        # per-frame work as possible; anything split over reads goes through _resume,
+        # and any frame these few tests do not prove well-formed through _check.
         unpack = _FRAME_HEADER.unpack_from
         # A stream's DATA frames come in runs (a log streams in many): its target is
         # looked up once per run. Any other frame may change it, and ends the run.
@@ -161,10 +253,8 @@ class FrameReader:
                 continue
             # By frequency in gRPC traffic: grpc-go pings (BDP estimation) and
             # window updates are as frequent as DATA and HEADERS.
-            if ftype == DATA and not flags & FLAG_PADDED:
+            if ftype == DATA and not flags & FLAG_PADDED and stream:
                 if stream != run_stream:
-                    if not stream:
-                        raise H2Error("DATA on stream 0")
                     run_stream, run_target = stream, self._data_target(stream)
                 if run_target is not None and length:
                     run_target(mv[body:stop])
@@ -174,17 +264,12 @@ class FrameReader:
                 pos = stop
                 continue
             run_stream = -1
-            if ftype == PING:
-                if length != 8 or stream:
-                    raise H2Error("bad PING")
-            elif ftype == HEADERS and flags & _BLOCK_FLAGS == FLAG_END_HEADERS:
-                if not stream:
-                    raise H2Error("HEADERS on stream 0")
+            if ftype == HEADERS and flags & _BLOCK_FLAGS == FLAG_END_HEADERS and stream:
                 self._on_headers(stream, bytes(mv[body:stop]), bool(flags & FLAG_END_STREAM))
-            elif ftype == WINDOW_UPDATE:
-                if length != 4:
-                    raise H2Error("bad WINDOW_UPDATE")
+            elif (ftype, length, not stream) in _SKIP_WHEN:
+                pass
             else:
+                _check(ftype, flags, length, stream)
                 self._frame(ftype, flags, stream, mv[body:stop])
             pos = stop
 
@@ -202,7 +287,8 @@ class FrameReader:
                 self._left -= take
                 if not self._left:
                     self._passed()
-                    return pos
+                    if self._state == _HEAD:
+                        return pos
                 continue
             buf = self._buf
             if state == _HEAD and not buf:
@@ -216,10 +302,13 @@ class FrameReader:
             self._buf = bytearray()
             if state == _HEAD:
                 self._head(memoryview(buf), 0)
-            else:
-                self._state = _HEAD
-                self._need = 9
-                self._frame(self._type, self._flags, self._stream, memoryview(buf))
+                continue
+            self._state = _HEAD
+            self._need = 9
+            self._collected(memoryview(buf))
+            self._budget.give(self._held)
+            self._held = 0
+            if self._state == _HEAD:
                 return pos
         return pos
 
@@ -235,12 +324,11 @@ class FrameReader:
         hi, lo, ftype, flags, stream = _FRAME_HEADER.unpack_from(chunk, start)
         length = (hi << 16) | lo
         stream &= 0x7FFFFFFF
-        self._type, self._flags, self._stream = ftype, flags, stream
+        self._type, self._flags, self._stream, self._length = ftype, flags, stream, length
         if self._block is not None and (ftype != CONTINUATION or stream != self._block_stream):
             raise H2Error("header block interrupted")
+        _check(ftype, flags, length, stream)
         if ftype == DATA and not flags & FLAG_PADDED:
-            if not stream:
-                raise H2Error("DATA on stream 0")
             self._target = self._data_target(stream)
             if length:
                 self._state, self._left = _PASS, length
@@ -252,11 +340,45 @@ class FrameReader:
             if length:
                 self._state, self._left = _PASS, length
         elif length:
-            self._state, self._need = _BODY, length
+            # Padded DATA: only the pad length, the rest is streamed. GOAWAY: only
+            # what precedes its debug data.
+            need = length
+            if ftype == DATA:
+                need = 1
+            elif ftype == GOAWAY:
+                need = _GOAWAY_FIXED
+            if not self._budget.take(need):
+                raise H2Error(f"a {need}-byte frame is over the connection's memory budget")
+            self._held = need
+            self._state, self._need = _BODY, need
         else:
             self._frame(ftype, flags, stream, memoryview(b""))
 
+    def _collected(self, payload: memoryview) -> None:
+        """The collected start or whole of a frame whose header _head read."""
+        ftype, length = self._type, self._length
+        if ftype == DATA:  # padded: pass the data on, then skip the padding
+            pad = payload[0]
+            if pad >= length:
+                raise H2Error("bad padding")
+            self._target = self._data_target(self._stream)
+            self._pad = pad
+            self._state, self._left = _PASS, length - 1 - pad
+            if not self._left:
+                self._passed()
+        elif ftype == GOAWAY:
+            self._frame(ftype, self._flags, self._stream, payload)
+            if length > _GOAWAY_FIXED:
+                self._target = None
+                self._state, self._left = _PASS, length - _GOAWAY_FIXED
+        else:
+            self._frame(ftype, self._flags, self._stream, payload)
+
     def _passed(self) -> None:
+        if self._pad:
+            self._state, self._left, self._pad = _PASS, self._pad, 0
+            self._target = None
+            return
         self._state = _HEAD
         self._need = 9
         self._target = None
@@ -264,9 +386,9 @@ class FrameReader:
             self._on_data_end(self._stream)
 
     def _frame(self, ftype: int, flags: int, stream: int, payload: memoryview) -> None:
+        """A frame whose header _check accepted, with all its payload at hand (all
+        that matters of it for GOAWAY)."""
         if ftype == HEADERS:
-            if not stream:
-                raise H2Error("HEADERS on stream 0")
             fragment = _unpad(payload, flags)
             if flags & FLAG_PRIORITY:
                 if len(fragment) < 5:
@@ -277,15 +399,16 @@ class FrameReader:
             block = self._block
             if block is None:
                 raise H2Error("CONTINUATION without HEADERS")
-            block += payload
-            if len(block) > MAX_HEADER_BLOCK:
+            if len(block) + len(payload) > MAX_HEADER_BLOCK:
                 raise H2Error("header block too large")
+            if not self._budget.take(len(payload)):
+                raise H2Error("header block over the connection's memory budget")
+            block += payload
             if flags & FLAG_END_HEADERS:
                 self._block = None
+                self._budget.give(len(block))
                 self._end_block(bytes(block))
-        elif ftype == DATA:  # padded: buffered whole
-            if not stream:
-                raise H2Error("DATA on stream 0")
+        elif ftype == DATA:  # padded, whole at hand
             data = _unpad(payload, flags)
             target = self._data_target(stream)
             if target is not None and data:
@@ -293,50 +416,31 @@ class FrameReader:
             if flags & FLAG_END_STREAM:
                 self._on_data_end(stream)
         elif ftype == RST_STREAM:
-            if len(payload) != 4 or not stream:
-                raise H2Error("bad RST_STREAM")
             self._on_rst_stream(stream, _U32.unpack_from(payload)[0])
         elif ftype == SETTINGS:
-            self._settings(payload, flags, stream)
+            if flags & FLAG_ACK:
+                self._on_settings(True, [])
+            else:
+                self._on_settings(False, [s for s in _SETTING.iter_unpack(payload)])
         elif ftype == GOAWAY:
-            if len(payload) < 8 or stream:
-                raise H2Error("bad GOAWAY")
             last, code = _U32_PAIR.unpack_from(payload)
             self._on_goaway(last & 0x7FFFFFFF, code)
-        elif ftype == PING:
-            if len(payload) != 8 or stream:
-                raise H2Error("bad PING")
-        elif ftype == WINDOW_UPDATE:
-            if len(payload) != 4:
-                raise H2Error("bad WINDOW_UPDATE")
-        elif ftype == PRIORITY:
-            if len(payload) != 5 or not stream:
-                raise H2Error("bad PRIORITY")
         elif ftype == PUSH_PROMISE:
             fragment = _unpad(payload, flags)
-            if len(fragment) < 4 or not stream:
+            if len(fragment) < 4:
                 raise H2Error("bad PUSH_PROMISE")
             self._start_block(fragment[4:], stream, flags & ~FLAG_END_STREAM, push=True)
-
-    def _settings(self, payload: memoryview, flags: int, stream: int) -> None:
-        if stream:
-            raise H2Error("SETTINGS on a stream")
-        if flags & FLAG_ACK:
-            if payload:
-                raise H2Error("SETTINGS ACK with a payload")
-            self._on_settings(True, [])
-            return
-        if len(payload) % 6:
-            raise H2Error("SETTINGS length not a multiple of 6")
-        self._on_settings(False, [s for s in _SETTING.iter_unpack(payload)])
+        # PRIORITY, PING, WINDOW_UPDATE: nothing to follow beyond their shape.
 
     def _start_block(self, fragment: memoryview, stream: int, flags: int, *, push: bool) -> None:
         self._block_stream, self._block_push = stream, push
         self._block_end_stream = bool(flags & FLAG_END_STREAM)
         if flags & FLAG_END_HEADERS:
             self._end_block(bytes(fragment))
-        else:
-            self._block = bytearray(fragment)
+            return
+        if not self._budget.take(len(fragment)):
+            raise H2Error("header block over the connection's memory budget")
+        self._block = bytearray(fragment)
 
     def _end_block(self, block: bytes) -> None:
         if self._block_push:

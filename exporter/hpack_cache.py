@@ -24,14 +24,19 @@ being shared.
 A connection stops using the graph for good when its decoder's allowance changes
 (SETTINGS_HEADER_TABLE_SIZE). Blocks longer than `max_block` are decoded live and not
 kept; a full memo is dropped whole, and connections carry on into the new one.
+
+Below the memo, `memoize_huffman()` makes hpack decode each short Huffman string once.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Sequence
 from typing import Any, cast
 
-from hpack import Decoder
+import hpack
+import hpack.hpack as hpack_impl
+from hpack import Decoder, Encoder
 from hpack.table import HeaderTable
 
 # RFC 7541's initial table size, which every connection starts with.
@@ -118,7 +123,9 @@ class BlockCache:
         self._seen: set[int] = set()  # hashes of (node, block) pairs missed once
         self.root = self._new_root()
         self.resets = 0
-        self.misses = 0  # blocks decoded live by tracked connections
+        # Blocks of tracked connections found in the memo, and decoded live instead.
+        self.hits = 0
+        self.misses = 0
 
     @property
     def size(self) -> int:
@@ -251,6 +258,7 @@ class CachedDecoder:
                         elif nxt is not node:  # a new table size
                             self._live_current = False
                         self._node = nxt
+                        self._cache.hits += 1
                         return headers
         return self._decode_live(block)
 
@@ -310,3 +318,57 @@ def _matches(
         if entries[i][0] != name:
             return False
     return True
+
+
+_SHORT_HUFFMAN = 128  # longer strings (rare, seldom repeated) are decoded as they come
+
+
+def memoize_huffman() -> None:
+    """Let hpack decode each short Huffman string once, process-wide.
+
+    GitLab Runner opens a connection per job, so every job's header blocks start from
+    an empty HPACK table and Huffman-code the same few dozen strings (paths, header
+    names, user agent) again; hpack decodes them in pure Python every time, which was
+    the largest share of the observer's CPU per job. Decoding is a pure function of
+    the bytes, so a bounded cache of short strings returns the same results for less.
+
+    hpack has no hook for this: its decoder calls the `decode_huffman` it imported
+    into `hpack.hpack`, and that name is replaced. If a future hpack moves or stops
+    calling it, this raises RuntimeError (at import of exporter.observer) instead of
+    silently doing nothing. Calling it again is harmless.
+    """
+    current = getattr(hpack_impl, "decode_huffman", None)
+    if getattr(current, "_exporter_memo", False):
+        return
+    try:
+        from hpack.huffman_table import decode_huffman as decode
+    except ImportError as exc:
+        raise RuntimeError(_patch_problem("has no hpack.huffman_table.decode_huffman")) from exc
+    if current is not decode:
+        raise RuntimeError(_patch_problem("does not decode through hpack.hpack.decode_huffman"))
+    cached = functools.lru_cache(maxsize=4096)(decode)
+
+    def decode_huffman(huffman_string: bytes | bytearray | memoryview | None) -> bytes:
+        if huffman_string is not None and len(huffman_string) <= _SHORT_HUFFMAN:
+            result: bytes = cached(bytes(huffman_string))
+            return result
+        return decode(huffman_string)
+
+    decode_huffman._exporter_memo = True  # type: ignore[attr-defined]
+    hpack_impl.decode_huffman = decode_huffman  # type: ignore[attr-defined]
+    # Prove the decoder goes through the replaced name: one Huffman-coded literal.
+    before = cached.cache_info().misses
+    block = Encoder().encode([(b"x-huffman-check", b"memo")], huffman=True)
+    if Decoder().decode(block, raw=True) != [(b"x-huffman-check", b"memo")] or (
+        cached.cache_info().misses == before
+    ):
+        hpack_impl.decode_huffman = decode  # type: ignore[attr-defined]
+        raise RuntimeError(_patch_problem("no longer calls hpack.hpack.decode_huffman"))
+
+
+def _patch_problem(what: str) -> str:
+    version = getattr(hpack, "__version__", "?")
+    return (
+        f"hpack {version} {what}: exporter.hpack_cache.memoize_huffman needs updating "
+        "for this hpack version"
+    )

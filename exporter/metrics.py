@@ -25,11 +25,13 @@ from .events import (
     DECODE_ERROR_MESSAGES,
     GO_CODE_NAMES,
     STEP_RUNNER_METHODS,
+    UNKNOWN_LABEL,
     UNKNOWN_METHOD,
     CallEnded,
     Method,
     normalize_code,
 )
+from .methods import DEFAULT_PACKAGE, MAX_SERVICES, is_service, service_name
 
 
 class MetricType(StrEnum):
@@ -208,7 +210,7 @@ def exemplar_job_id(job_id: str) -> str:
 
 
 def known_methods(package: str) -> list[Method]:
-    service = f"{package}.StepRunner"
+    service = service_name(package)
     return [Method(service, name, kind) for name, kind in STEP_RUNNER_METHODS.items()]
 
 
@@ -245,7 +247,7 @@ class Metrics:
         self,
         registry: CollectorRegistry,
         *,
-        package: str = "proto",
+        package: str | None = None,
         version: str = "unknown",
     ) -> None:
         self._families = {spec: _family(spec, registry) for spec in METRICS}
@@ -273,8 +275,10 @@ class Metrics:
         self._decode_errors = {m: self.decode_errors.labels(m) for m in DECODE_ERROR_MESSAGES}
         self._unknown_fields = {m: self.unknown_fields.labels(m) for m in DECODE_ERROR_MESSAGES}
         self._methods: dict[Method, _MethodChildren] = {}
-        for method in (*known_methods(package), UNKNOWN_METHOD):
+        self._services: set[str] = set()
+        for method in (*known_methods(package or DEFAULT_PACKAGE), UNKNOWN_METHOD):
             self._methods[method] = _MethodChildren(self, method)
+            self._services.add(method.service)
 
     def counter(self, spec: MetricSpec) -> Counter:
         family = self._families[spec]
@@ -294,11 +298,25 @@ class Metrics:
     def _method(self, method: Method) -> _MethodChildren:
         children = self._methods.get(method)
         if children is None:
-            # The observer only produces known methods or UNKNOWN_METHOD, so this
-            # only grows for a package configured differently from the observer's.
-            method = UNKNOWN_METHOD
-            children = self._methods[method]
+            children = self._methods[self._bounded(method)]
         return children
+
+    def _bounded(self, method: Method) -> Method:
+        """The labels of a method not seen before, from a bounded set: the first
+        MAX_SERVICES services as they are, later ones `unknown` (SPEC section 2)."""
+        if STEP_RUNNER_METHODS.get(method.name) != method.grpc_type or not (
+            method.service == UNKNOWN_LABEL or is_service(method.service)
+        ):
+            return UNKNOWN_METHOD
+        services = self._services
+        if method.service not in services:
+            if len(services) - 1 >= MAX_SERVICES:  # UNKNOWN_METHOD's is not counted
+                method = Method(UNKNOWN_LABEL, method.name, method.grpc_type)
+            else:
+                services.add(method.service)
+        if method not in self._methods:
+            self._methods[method] = _MethodChildren(self, method)
+        return method
 
     def call_started(self, method: Method) -> None:
         self._method(method).started.inc()

@@ -60,14 +60,15 @@ def test_example_config_loads() -> None:
     assert config.web.config_file is None
     assert config.jobs.ttl == 6 * 3600
     assert config.observer.deadline_tolerance == pytest.approx(0.020)
-    assert config.grpc_service == "proto.StepRunner"
+    assert config.service_package is None
 
 
 def test_minimal_file_gets_the_documented_defaults(tmp_path: Path) -> None:
     config = load_config(write(tmp_path, BASE))
     assert config == Config(Address.unix("/run/a.sock"), Address.unix("/run/b.sock"))
     assert config.socket.mode == 0o660
-    assert config.service_package == "proto"
+    assert config.service_package is None  # any package (SPEC section 2)
+    assert config.grpc_service is None
     assert config.tap == "step-runner"
     assert (config.docker.max_body_bytes, config.docker.exec_ttl) == (65_536, 600.0)
     assert config.docker.max_execs == 4096

@@ -43,7 +43,7 @@ from exporter.events import (
 )
 from exporter.h2 import PREFACE
 from exporter.metrics import Metrics
-from exporter.observer import ConnectionObserver
+from exporter.observer import CALL_COST, ConnectionObserver
 from exporter.tracker import Decision, JobTracker
 from tests.labels import ALLOWED as SHARED_ALLOWED
 from tests.labels import SERVICE
@@ -659,11 +659,12 @@ def test_hostile_job_ids_stay_out_of_labels_and_both_exposition_formats_parse() 
 
 
 def test_the_connection_budget_is_given_back_when_a_stream_ends() -> None:
-    """A budget of one message: while one response is partly buffered a second is
-    skipped; once the first stream ends, the next one is decoded again."""
+    """A budget of one message and two calls: while one response is partly buffered a
+    second is skipped; once the first stream ends, the next one is decoded again."""
     limit = 1 << 16
     world = World()
-    conn = Conn(world.observer(max_message_bytes=limit, max_connection_bytes=limit))
+    budget = limit + 2 * CALL_COST
+    conn = Conn(world.observer(max_message_bytes=limit, max_connection_bytes=budget))
     body = status_response(status_entry(b"7", state=2, message=b"z" * (limit - 64)))
     message = grpc_message(body)
 

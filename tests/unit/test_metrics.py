@@ -12,6 +12,7 @@ from exporter import metrics as metrics_module
 from exporter.app import Sidecar
 from exporter.config import parse_config
 from exporter.events import UNKNOWN_METHOD, CallEnded, Code, Method
+from exporter.methods import MAX_SERVICES, service_name
 from exporter.metrics import (
     METRICS,
     RESERVED_LABELS,
@@ -168,6 +169,31 @@ def test_unknown_methods_and_codes_do_not_grow_the_label_set() -> None:
         registry.get_sample_value("grpc_server_handled_total", {**unknown, "grpc_code": "Unknown"})
         == 100
     )
+
+
+def test_services_of_other_packages_are_labelled_from_a_bounded_set() -> None:
+    metrics, registry, exposed = fresh()
+    packages = [f"pkg{i}" for i in range(MAX_SERVICES + 3)]
+    for package in ["proto", *packages, *packages]:
+        method = Method(service_name(package), "Status", "unary")
+        metrics.call_started(method)
+        metrics.call_ended(CallEnded(method, "1", Code.OK, 0.001, 1, 1))
+    services = {
+        s.labels["grpc_service"]
+        for family in text_string_to_metric_families(generate_latest(exposed).decode())
+        for s in family.samples
+        if "grpc_service" in s.labels
+    }
+    # proto, which exists from the start, and the first ones seen, as on the wire.
+    kept = {service_name(p) for p in ["proto", *packages[: MAX_SERVICES - 1]]}
+    assert services == {*kept, "unknown"}
+
+    def started(service: str) -> float | None:
+        labels = {"grpc_type": "unary", "grpc_service": service, "grpc_method": "Status"}
+        return registry.get_sample_value("grpc_server_started_total", labels)
+
+    assert started("pkg0.StepRunner") == 2
+    assert started("unknown") == 2 * (len(packages) - (MAX_SERVICES - 1))
 
 
 def test_static_labels_are_added_to_every_series() -> None:

@@ -16,9 +16,12 @@ import hpack
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry
 
+from exporter.accounting import Accounting
 from exporter.events import UNKNOWN_METHOD, CallEnded, Code, Method
 from exporter.h2 import PREFACE
+from exporter.metrics import Metrics
 from exporter.observer import ConnectionObserver
 from exporter.proto import step_pb2
 from tests.wire import frame, grpc_message
@@ -352,6 +355,75 @@ def test_goaway_ends_the_streams_the_server_never_processed() -> None:
     ]
 
 
+def goaway(last_stream_id: int, error_code: int = 0) -> bytes:
+    return frame(GOAWAY, 0, 0, struct.pack(">II", last_stream_id, error_code))
+
+
+ENHANCE_YOUR_CALM = 0xB
+
+
+@pytest.mark.parametrize("goaway_first", [True, False])
+def test_headers_that_pass_after_the_servers_goaway_are_refused(goaway_first: bool) -> None:
+    """grpc-go may send one GOAWAY (ENHANCE_YOUR_CALM, or without the grace ping)
+    while the client is writing HEADERS for a new stream: the splice can forward those
+    HEADERS after the GOAWAY. The server never processes that stream and the client
+    retries it, in either order of the two on the splice."""
+    wire = Wire().start()
+    wire.request(1, "Run", run_request("job-1"))
+    if goaway_first:
+        wire.server(goaway(1, ENHANCE_YOUR_CALM))
+        wire.request(3, "Status", status_request("job-3"))
+    else:
+        wire.request(3, "Status", status_request("job-3"))
+        wire.server(goaway(1, ENHANCE_YOUR_CALM))
+    wire.request(5, "Close", status_request("job-3"))  # later still: refused as well
+    assert [(c.method.name, c.code, c.refused) for c in wire.ended()] == [
+        ("Status", Code.UNAVAILABLE, True),
+        ("Close", Code.UNAVAILABLE, True),
+    ]
+    # A lower last_stream_id in a later GOAWAY refuses more; a higher one none back.
+    wire.server(goaway(3))
+    wire.respond(1, b"")
+    wire.observer.connection_lost(wire.now + 1)
+    assert [(c.method.name, c.code, c.refused) for c in wire.ended()][2:] == [
+        ("Run", Code.OK, False)
+    ]
+    assert len(wire.sink.started) == 3
+    assert not wire.observer.failed
+
+
+def test_the_connections_end_closes_processed_streams_only_after_a_goaway() -> None:
+    wire = Wire().start()
+    wire.request(1, "FollowLogs", step_pb2.FollowLogsRequest(id="j").SerializeToString())
+    wire.server(goaway(1))
+    wire.request(3, "Status", status_request("j"))
+    wire.observer.connection_lost(wire.now + 1)
+    assert [(c.method.name, c.code, c.refused) for c in wire.ended()] == [
+        ("Status", Code.UNAVAILABLE, True),
+        ("FollowLogs", Code.UNAVAILABLE, False),  # processed, then the connection died
+    ]
+
+
+def test_a_refused_stream_after_a_goaway_is_counted_and_decides_nothing() -> None:
+    registry = CollectorRegistry()
+    accounting = Accounting(Metrics(registry), upstream="u")
+    wire = Wire()
+    wire.observer = ConnectionObserver(accounting)
+    wire.start()
+    wire.server(goaway(0))
+    wire.request(1, "Status", status_request("job-9"))
+    wire.server(frame(HEADERS, END_HEADERS | END_STREAM, 1, wire.response_block(trailers(14))))
+    wire.observer.connection_lost(wire.now)
+    labels = {"grpc_type": "unary", "grpc_service": "proto.StepRunner", "grpc_method": "Status"}
+    handled = registry.get_sample_value(
+        "grpc_server_handled_total", {**labels, "grpc_code": "Unavailable"}
+    )
+    assert handled == 1
+    for result in ("success", "failed", "cancelled"):
+        assert registry.get_sample_value("step_runner_jobs_total", {"result": result}) == 0
+    assert len(accounting.tracker) == 0
+
+
 @pytest.mark.parametrize(
     ("error_code", "expected"),
     [
@@ -548,7 +620,15 @@ def test_connection_lost_ends_open_calls_unavailable_once() -> None:
         "/grpc.health.v1.Health/Check",
         "/proto.StepRunner/Explode",
         "/proto.StepRunnerX/Run",
-        "/other.StepRunner/Run",
+        "/StepRunner/Run",  # no package
+        "/.StepRunner/Run",
+        "/1proto.StepRunner/Run",  # not protobuf package identifiers
+        "/a..b.StepRunner/Run",
+        "/a b.StepRunner/Run",
+        "/x/y.StepRunner/Run",
+        "/caf\u00e9.StepRunner/Run",
+        "proto.StepRunner/Run",
+        "/proto.StepRunner/Run/",
     ],
 )
 def test_other_paths_are_unknown_but_counted(path: str) -> None:
@@ -565,6 +645,20 @@ def test_other_paths_are_unknown_but_counted(path: str) -> None:
         2,
     )
     assert not wire.sink.decode_errors and not call.response_undecodable
+
+
+@pytest.mark.parametrize("package", ["proto", "step", "gitlab.step.v1", "_x9"])
+def test_any_package_is_classified_by_default(package: str) -> None:
+    wire = Wire().start()
+    wire.request(1, f"/{package}.StepRunner/Status", status_request("j"))
+    wire.respond(1, status_response("j"))
+    call = only(wire)
+    assert wire.sink.started == [Method(f"{package}.StepRunner", "Status", "unary")]
+    assert (call.method, call.job_id, call.statuses[0].state) == (
+        Method(f"{package}.StepRunner", "Status", "unary"),
+        "j",
+        2,
+    )
 
 
 def test_the_package_is_configurable() -> None:
