@@ -17,7 +17,7 @@ from .accounting import Accounting
 from .config import Address, Config
 from .logs import fields
 from .metrics import Metrics, labelled_registry, register_default_collectors
-from .observer import ConnectionObserver
+from .observer import CLIENT_BLOCKS, SERVER_BLOCKS, ConnectionObserver
 from .splice import Endpoint, Splice
 from .web import WebServer
 from .webconfig import check_basic_auth, load_web_config, ssl_context
@@ -63,7 +63,12 @@ class Sidecar:
         self.registry = registry if registry is not None else CollectorRegistry()
         if process_metrics:
             register_default_collectors(self.registry)
-        self.metrics = Metrics(self.registry, package=config.service_package, version=__version__)
+        self.metrics = Metrics(
+            self.registry,
+            package=config.service_package,
+            version=__version__,
+            hpack_memos=(CLIENT_BLOCKS, SERVER_BLOCKS),
+        )
         self.accounting = Accounting(
             self.metrics,
             upstream=str(config.upstream),

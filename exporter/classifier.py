@@ -153,7 +153,3 @@ def _classify_status(state: int, error_kind: int | None) -> Outcome | None:
     # state=failure, or a state number this build does not know: Runner treats any
     # non-success Status without an error as an unknown failure.
     return Outcome(RESULT_FAILED, UNKNOWN_FAILURE)
-
-
-def is_terminal(state: int, error_kind: int | None) -> bool:
-    return _classify_status(state, error_kind) is not None

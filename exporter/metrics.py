@@ -8,19 +8,20 @@ Hot-path updates go through children cached per label tuple, because
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.gc_collector import GCCollector
-from prometheus_client.metrics_core import Metric
+from prometheus_client.metrics_core import CounterMetricFamily, Metric
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
 
-from .classifier import ALL_FAILURES, RESULTS, Failure, Outcome
+from .classifier import ALL_FAILURES, RESULTS, Outcome
 from .events import (
     DECODE_ERROR_MESSAGES,
     GO_CODE_NAMES,
@@ -159,9 +160,21 @@ REJECTED_CONNECTIONS = _metric(
     COUNTER,
     "Client connections closed at once because limits.max_connections were open.",
 )
+# The sidecar's own workings, beyond the SPEC: read from the memos at scrape time.
+HPACK_BLOCK_CACHE = _metric(
+    "step_runner_exporter_hpack_block_cache_total",
+    COUNTER,
+    "Header blocks of connections following the shared HPACK block memo, by whether the "
+    "memo had their decoding (hit) or the hpack library decoded them (miss).",
+    ("result",),
+)
 
 # Defined above this line, so that it is in here.
 METRICS: tuple[MetricSpec, ...] = tuple(_DEFINED)
+# Metrics no SPEC section names: how well the sidecar's internals work.
+INTERNAL_METRICS: tuple[MetricSpec, ...] = (HPACK_BLOCK_CACHE,)
+# The result label values of HPACK_BLOCK_CACHE.
+MEMO_RESULTS = ("hit", "miss")
 
 # The process, platform and GC collectors every Prometheus Python exporter exposes.
 DEFAULT_COLLECTORS = (ProcessCollector, PlatformCollector, GCCollector)
@@ -214,6 +227,33 @@ def known_methods(package: str) -> list[Method]:
     return [Method(service, name, kind) for name, kind in STEP_RUNNER_METHODS.items()]
 
 
+class MemoCounts(Protocol):
+    """What a memo counts of its lookups (exporter.hpack_cache.BlockCache)."""
+
+    @property
+    def hits(self) -> int: ...
+
+    @property
+    def misses(self) -> int: ...
+
+
+class MemoCollector(Collector):
+    """HPACK_BLOCK_CACHE from the memos' own counts, read at scrape time so that the
+    decoding path pays nothing but an integer increment."""
+
+    def __init__(self, memos: Sequence[MemoCounts]) -> None:
+        self._memos = tuple(memos)
+
+    def collect(self) -> Iterator[Metric]:
+        spec = HPACK_BLOCK_CACHE
+        family = CounterMetricFamily(
+            spec.name.removesuffix("_total"), spec.documentation, labels=spec.labels
+        )
+        family.add_metric(["hit"], sum(memo.hits for memo in self._memos))
+        family.add_metric(["miss"], sum(memo.misses for memo in self._memos))
+        yield family
+
+
 class StaticLabels(Collector):
     """Adds the configuration's static labels to every sample of the wrapped registry.
 
@@ -249,8 +289,12 @@ class Metrics:
         *,
         package: str | None = None,
         version: str = "unknown",
+        hpack_memos: Sequence[MemoCounts] = (),
     ) -> None:
-        self._families = {spec: _family(spec, registry) for spec in METRICS}
+        self._families = {
+            spec: _family(spec, registry) for spec in METRICS if spec is not HPACK_BLOCK_CACHE
+        }
+        registry.register(MemoCollector(hpack_memos))
         self.jobs = self.counter(JOBS)
         self.job_failures = self.counter(JOB_FAILURES)
         self.job_duration = self.histogram(JOB_DURATION)
@@ -271,7 +315,7 @@ class Metrics:
         # Every series a dashboard or alert reads exists at 0 from the start.
         self._results = {result: self.jobs.labels(result) for result in RESULTS}
         self._durations = {result: self.job_duration.labels(result) for result in RESULTS}
-        self._failures = {f: self.job_failures.labels(*_failure_values(f)) for f in ALL_FAILURES}
+        self._failures = {f: self.job_failures.labels(**f.labels()) for f in ALL_FAILURES}
         self._decode_errors = {m: self.decode_errors.labels(m) for m in DECODE_ERROR_MESSAGES}
         self._unknown_fields = {m: self.unknown_fields.labels(m) for m in DECODE_ERROR_MESSAGES}
         self._methods: dict[Method, _MethodChildren] = {}
@@ -372,7 +416,3 @@ def _family(spec: MetricSpec, registry: CollectorRegistry) -> Counter | Gauge | 
         )
     kind = Counter if spec.type is MetricType.COUNTER else Gauge
     return kind(spec.name, spec.documentation, spec.labels, registry=registry)
-
-
-def _failure_values(failure: Failure) -> Iterable[str]:
-    return (failure.failure_reason, failure.source, failure.kind, failure.category)

@@ -10,11 +10,12 @@ from exporter.events import (
     STEP_RUNNER_METHODS,
     UNKNOWN_LABEL,
 )
+from exporter.metrics import MEMO_RESULTS
 
 SERVICE = "proto.StepRunner"
 
 ALLOWED: dict[str, frozenset[str]] = {
-    "result": frozenset(RESULTS),
+    "result": frozenset((*RESULTS, *MEMO_RESULTS)),
     "failure_reason": frozenset(FAILURE_REASONS),
     "source": frozenset(SOURCES),
     "kind": frozenset(f.kind for f in ALL_FAILURES),

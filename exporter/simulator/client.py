@@ -23,6 +23,7 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError, Message
 
+from exporter.methods import service_name
 from exporter.proto import step_pb2
 
 from .scenarios import (
@@ -104,7 +105,7 @@ async def invoke(
     """One call of any StepRunner method, unary or server-streaming alike; never raises
     for a gRPC error. `deadline` is the call's timeout in seconds (grpc-timeout);
     `cancel_after` cancels a stream after that many messages."""
-    path = method if method.startswith("/") else f"/{package}.StepRunner/{method}"
+    path = method if method.startswith("/") else f"/{service_name(package)}/{method}"
     name = path.rpartition("/")[2]
     payload = request if isinstance(request, bytes) else request.SerializeToString()
     if streaming is None:

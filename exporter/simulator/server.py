@@ -27,6 +27,7 @@ from typing import Any, NoReturn, cast
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from exporter.methods import service_name
 from exporter.proto import step_pb2, step_pb2_grpc
 
 from .faults import DropRelay, Endpoint
@@ -382,7 +383,7 @@ class SimulatedStepRunner:
         self._public = Endpoint.parse(address)
         self._use_relay = relay
         self._header_probe = header_probe
-        self._service_name = f"{package}.StepRunner"
+        self._service_name = service_name(package)
         self._workdir: str | None = None
         self._server: grpc.aio.Server | None = None
         self._relay: DropRelay | None = None

@@ -27,6 +27,7 @@ from prometheus_client.openmetrics.exposition import generate_latest as generate
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_om
 from prometheus_client.parser import text_string_to_metric_families
 
+from exporter import h2
 from exporter.accounting import Accounting
 from exporter.classifier import (
     ALL_FAILURES,
@@ -43,7 +44,7 @@ from exporter.events import (
 )
 from exporter.h2 import PREFACE
 from exporter.metrics import Metrics
-from exporter.observer import CALL_COST, ConnectionObserver
+from exporter.observer import CALL_COST, PROTOCOL_ERRORS, ConnectionObserver
 from exporter.tracker import Decision, JobTracker
 from tests.labels import ALLOWED as SHARED_ALLOWED
 from tests.labels import SERVICE
@@ -371,6 +372,7 @@ def test_no_upstream_behaviour_forges_a_runner_system_failure(
         conn.server(frame(GOAWAY, 0, 0, struct.pack(">II", 1, 0)))
     conn.observer.connection_lost(conn.now + 1)
     world.check_invariants()
+    assert conn.observer.stopped_by is None
     assert world.value("step_runner_exporter_decode_errors_total", message="http2") == 0
 
 
@@ -382,6 +384,14 @@ def test_no_upstream_behaviour_forges_a_runner_system_failure(
 def test_arbitrary_bytes_from_either_side_never_raise(
     chunks: list[tuple[bool, bytes]], with_preface: bool
 ) -> None:
+    world, observer = _feed_arbitrary(chunks, with_preface)
+    world.check_invariants()
+    assert_nothing_swallowed(world, observer)
+
+
+def _feed_arbitrary(
+    chunks: list[tuple[bool, bytes]], with_preface: bool
+) -> tuple[World, ConnectionObserver]:
     world = World()
     observer = world.observer()
     if with_preface:
@@ -392,7 +402,39 @@ def test_arbitrary_bytes_from_either_side_never_raise(
         else:
             observer.server_data(data, float(now))
     observer.connection_lost(99.0)
-    world.check_invariants()
+    return world, observer
+
+
+def assert_nothing_swallowed(world: World, observer: ConnectionObserver) -> None:
+    """The observer never raises to its caller, by design: what shows a bug is what it
+    swallowed. Only input it cannot follow may stop it, and only that is counted."""
+    stopped_by = observer.stopped_by
+    assert stopped_by is None or isinstance(stopped_by, PROTOCOL_ERRORS), repr(stopped_by)
+    errors = world.value("step_runner_exporter_decode_errors_total", message="http2")
+    assert errors == (1 if observer.failed else 0)
+
+
+VALID_CONVERSATION = [
+    (True, PREFACE + frame(SETTINGS, 0, 0)),
+    (False, frame(SETTINGS, 0, 0) + frame(SETTINGS, 1, 0)),
+    (True, frame(HEADERS, END_HEADERS, 1, hpack.Encoder().encode(request_headers("/x/y")))),
+    (True, frame(DATA, END_STREAM, 1, grpc_message(b""))),
+]
+
+
+def test_a_swallowed_bug_fails_the_never_raise_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    world, observer = _feed_arbitrary(VALID_CONVERSATION, False)
+    assert_nothing_swallowed(world, observer)
+    assert not observer.failed
+
+    def bug(*_: object) -> None:
+        raise KeyError("a bug in the walker")
+
+    monkeypatch.setattr(h2, "_check", bug)
+    world, observer = _feed_arbitrary(VALID_CONVERSATION, False)
+    assert observer.failed  # swallowed: the caller saw nothing
+    with pytest.raises(AssertionError, match="a bug in the walker"):
+        assert_nothing_swallowed(world, observer)
 
 
 # -- specific hostile messages ------------------------------------------------------------
@@ -690,3 +732,139 @@ def test_the_connection_budget_is_given_back_when_a_stream_ends() -> None:
     finish(5)
     assert skipped() == 1
     world.check_invariants()
+
+
+# -- everything held per connection is inside max_connection_bytes ------------------------
+
+PING, CONTINUATION, PADDED, UNKNOWN_TYPE = 0x6, 0x9, 0x8, 0xFA
+MAX_FRAME = (1 << 24) - 1
+
+
+def _log_request(conn: Conn) -> None:
+    conn.request(1, f"/{SERVICE}/FollowLogs", id_request(b"7"))
+    conn.response_headers(1, RESPONSE_HEADERS, end=False)
+
+
+def _hostile_settings(conn: Conn) -> Iterable[bytes]:
+    yield frame(SETTINGS, 0, 0, b"\0\x01\0\0\x10\0" * (MAX_FRAME // 6))
+
+
+def _hostile_unknown(conn: Conn) -> Iterable[bytes]:
+    yield frame(UNKNOWN_TYPE, 0, 0, b"?" * MAX_FRAME)
+
+
+def _hostile_ping(conn: Conn) -> Iterable[bytes]:
+    yield frame(PING, 0, 0, b"p" * MAX_FRAME)
+
+
+def _hostile_goaway(conn: Conn) -> Iterable[bytes]:
+    yield frame(GOAWAY, 0, 0, struct.pack(">II", 1, 0) + b"d" * (MAX_FRAME - 8))
+
+
+LOG_MESSAGE = grpc_message(pb_bytes(1, b"L" * 4000))
+PAD = 200
+# Log messages filling one padded DATA frame of the largest size, the last one longer.
+PADDED_LOG_MESSAGES = (MAX_FRAME - 1 - PAD) // len(LOG_MESSAGE)
+
+
+def _hostile_padded_data(conn: Conn) -> Iterable[bytes]:
+    _log_request(conn)
+    rest = MAX_FRAME - 1 - PAD - (PADDED_LOG_MESSAGES - 1) * len(LOG_MESSAGE)
+    last = grpc_message(pb_bytes(1, b"F" * (rest - 8)))
+    log = LOG_MESSAGE * (PADDED_LOG_MESSAGES - 1) + last
+    assert len(log) == MAX_FRAME - 1 - PAD
+    yield frame(DATA, PADDED, 1, bytes([PAD]) + log + b"\0" * PAD)
+
+
+def _hostile_continuation(conn: Conn) -> Iterable[bytes]:
+    block = conn.client_hpack.encode(request_headers(f"/{SERVICE}/Run"))
+    yield frame(HEADERS, 0, 1, block)
+    for _ in range(40):
+        yield frame(CONTINUATION, 0, 1, b"\x82" * (1 << 20))
+
+
+HOSTILE_STREAMS = {
+    # name: (the stream, who sends it, whether observation stops)
+    "settings_16mib": (_hostile_settings, "server", True),
+    "unknown_frame_16mib": (_hostile_unknown, "client", False),
+    "ping_16mib": (_hostile_ping, "client", True),
+    "goaway_16mib_debug_data": (_hostile_goaway, "server", False),
+    "padded_data_16mib": (_hostile_padded_data, "server", False),
+    "endless_continuation": (_hostile_continuation, "client", True),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE_STREAMS))
+def test_everything_the_observer_holds_is_inside_the_connection_budget(name: str) -> None:
+    """Frames as large as HTTP/2 allows, fed in 16 KiB reads: what the observer holds,
+    by its own account and by tracemalloc, stays inside max_connection_bytes; what
+    does not fit stops observation (counted once), and the rest is walked over."""
+    budget = 1 << 20
+    world = World()
+    observer = world.observer(max_message_bytes=budget // 4, max_connection_bytes=budget)
+    conn = Conn(observer)
+    make, side, stops = HOSTILE_STREAMS[name]
+    feed = conn.client if side == "client" else conn.server
+    wire = b"".join(make(conn))
+    reads = [wire[i : i + 16384] for i in range(0, len(wire), 16384)]
+    del wire
+    most = peak = 0
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        for data in reads:
+            feed(data)
+            most = max(most, observer.held_bytes)
+        peak = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+    assert most <= budget
+    assert peak < budget + (256 << 10), f"{name}: the observer held {peak >> 10} KiB"
+    assert observer.failed is stops
+    assert world.value("step_runner_exporter_decode_errors_total", message="http2") == stops
+    assert world.value("step_runner_exporter_decode_errors_total", message="grpc_frame") == 0
+    if name == "padded_data_16mib":
+        conn.response_headers(1, [("grpc-status", "0")], end=True)
+        handled = world.value(
+            "grpc_server_msg_sent_total",
+            grpc_type="server_stream",
+            grpc_service=SERVICE,
+            grpc_method="FollowLogs",
+        )
+        assert handled == PADDED_LOG_MESSAGES
+    observer.connection_lost(conn.now)
+    world.check_invariants()
+    assert observer.held_bytes <= budget
+
+
+def test_calls_beyond_the_budget_are_not_followed_and_are_counted() -> None:
+    world = World()
+    observer = world.observer(max_message_bytes=1024, max_connection_bytes=4 * CALL_COST)
+    conn = Conn(observer)
+    for index in range(10):
+        conn.request(2 * index + 1, f"/{SERVICE}/Run", id_request(b"%d" % index))
+    assert observer.held_bytes == 4 * CALL_COST
+    assert world.value("step_runner_exporter_decode_errors_total", message="grpc_frame") == 6
+    for index in range(10):
+        conn.respond(2 * index + 1, b"")
+    assert observer.held_bytes == 0
+    started = world.value(
+        "grpc_server_started_total", grpc_type="unary", grpc_service=SERVICE, grpc_method="Run"
+    )
+    assert started == 4
+    conn.request(21, f"/{SERVICE}/Run", id_request(b"x"))  # room again
+    assert observer.held_bytes == CALL_COST
+    observer.connection_lost(conn.now)
+    world.check_invariants()
+
+
+def test_a_larger_hpack_table_comes_out_of_the_budget() -> None:
+    world = World()
+    observer = world.observer(max_message_bytes=1024, max_connection_bytes=64 << 10)
+    conn = Conn(observer)
+    conn.client(frame(SETTINGS, 0, 0, struct.pack(">HI", 1, 32 << 10)))
+    assert (observer.held_bytes, observer.failed) == ((32 << 10) - 4096, False)
+    conn.server(frame(SETTINGS, 0, 0, struct.pack(">HI", 1, 1 << 20)))
+    assert observer.failed
+    assert world.value("step_runner_exporter_decode_errors_total", message="http2") == 1

@@ -13,9 +13,11 @@ import hpack
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry
 
 from exporter.h2 import MAX_HEADER_BLOCK
-from exporter.hpack_cache import BlockCache, CachedDecoder, _Read
+from exporter.hpack_cache import BlockCache, CachedDecoder, _Read, memoize_huffman
+from exporter.metrics import HPACK_BLOCK_CACHE, Metrics
 from exporter.observer import ConnectionObserver
 
 from .captures import CAPTURES, RecordingSink, read_h2cap, replay
@@ -429,3 +431,63 @@ def tracked(decoder: CachedDecoder) -> bool:
 def encoded(header_lists: list[list[tuple[bytes, bytes]]]) -> list[bytes]:
     encoder = hpack.Encoder()
     return [bytes(encoder.encode(headers)) for headers in header_lists]
+
+
+# -- the Huffman memo patched into hpack, and the memo's counts --------------------------
+
+
+def test_the_huffman_memo_is_in_place_and_used() -> None:
+    import hpack.hpack as impl
+
+    assert getattr(impl.decode_huffman, "_exporter_memo", False)  # type: ignore[attr-defined]
+    memoize_huffman()  # again: harmless
+    block = hpack.Encoder().encode([(b"x-new-name", b"some value")], huffman=True)
+    assert hpack.Decoder().decode(block, raw=True) == [(b"x-new-name", b"some value")]
+
+
+def test_an_hpack_without_what_the_memo_patches_fails_loudly(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import hpack.hpack as impl
+
+    monkeypatch.delattr(impl, "decode_huffman")
+    with pytest.raises(RuntimeError, match=r"hpack .* needs updating"):
+        memoize_huffman()
+
+
+def test_an_hpack_that_no_longer_calls_the_patched_name_fails_loudly(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import hpack.hpack as impl
+    from hpack.huffman_table import decode_huffman
+
+    def decode_another_way(self: hpack.Decoder, data: bytes, raw: bool = False) -> Any:
+        return [(b"x-huffman-check", b"memo")]  # right, without hpack.hpack.decode_huffman
+
+    monkeypatch.setattr(impl, "decode_huffman", decode_huffman)  # as hpack ships it
+    monkeypatch.setattr(hpack.Decoder, "decode", decode_another_way)
+    with pytest.raises(RuntimeError, match=r"no longer calls hpack\.hpack\.decode_huffman"):
+        memoize_huffman()
+    assert impl.decode_huffman is decode_huffman  # type: ignore[attr-defined]
+
+
+def test_the_memo_counts_hits_and_misses_and_the_metric_shows_them() -> None:
+    client = BlockCache(max_header_list_size=MAX_HEADER_BLOCK)
+    registry = CollectorRegistry()
+    Metrics(registry, hpack_memos=[client])
+
+    def counts() -> tuple[float | None, float | None]:
+        name = HPACK_BLOCK_CACHE.name
+        return (
+            registry.get_sample_value(name, {"result": "hit"}),
+            registry.get_sample_value(name, {"result": "miss"}),
+        )
+
+    assert counts() == (0, 0)
+    blocks = [bytes(hpack.Encoder().encode([(":path", "/proto.StepRunner/Run")]))]
+    for _ in range(3):  # the second time a block is seen it is memoized
+        decoder = CachedDecoder(client)
+        for block in blocks:
+            decoder.decode(block)
+    assert (client.hits, client.misses) == (1, 2)
+    assert counts() == (1, 2)

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from exporter import classifier as c
-from exporter.events import GO_CODE_NAMES, STEP_RUNNER_METHODS, CallEnded, Code, Method
+from exporter.events import GO_CODE_NAMES, STEP_RUNNER_METHODS, CallEnded, Code, JobStatus, Method
 
 from .captures import (
     CAPTURES,
@@ -138,16 +138,20 @@ def check_job(job: dict[str, Any], calls: list[CallEnded], resets_first: bool) -
     assert expected_labels(job_outcome(calls, job["id"])) == job["expected"]
 
     own = [s for call in calls for s in call.statuses if s.job_id == job["id"]]
-    terminal = [s for s in own if c.is_terminal(s.state, s.error_kind)]
+    terminal = [s for s in own if is_terminal(s)]
     if "duration_seconds" in job:
         assert terminal, "a terminal Status was expected"
         assert terminal[0].duration_seconds == pytest.approx(job["duration_seconds"], abs=1e-6)
     else:
         assert not terminal
     for status in own:
-        if not c.is_terminal(status.state, status.error_kind):
+        if not is_terminal(status):
             assert status.state == c.STATE_RUNNING
             assert status.duration_seconds is None
+
+
+def is_terminal(status: JobStatus) -> bool:
+    return c.classify(c.StatusSeen(status.state, status.error_kind)) is not None
 
 
 def records_of(name: str) -> list[Record]:

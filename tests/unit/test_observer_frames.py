@@ -22,7 +22,7 @@ from exporter.accounting import Accounting
 from exporter.events import UNKNOWN_METHOD, CallEnded, Code, Method
 from exporter.h2 import PREFACE
 from exporter.metrics import Metrics
-from exporter.observer import ConnectionObserver
+from exporter.observer import PROTOCOL_ERRORS, ConnectionObserver
 from exporter.proto import step_pb2
 from tests.wire import frame, grpc_message
 
@@ -939,6 +939,8 @@ def test_arbitrary_bytes_never_raise(
         if i < len(server):
             observer.server_data(server[i], float(i))
     observer.connection_lost(99.0)
+    # Nothing raises out of the observer, by design; a bug would show as what stopped it.
+    assert observer.stopped_by is None or isinstance(observer.stopped_by, PROTOCOL_ERRORS)
     assert sink.decode_errors["http2"] == (1 if observer.failed else 0)
     assert len(sink.ended) <= len(sink.started)
 
