@@ -43,7 +43,6 @@ _SETTING = struct.Struct(">HI")
 _PREFACE_LEN = len(PREFACE)
 # HEADERS flags that the fast path leaves to the general one.
 _BLOCK_FLAGS = FLAG_END_HEADERS | FLAG_PADDED | FLAG_PRIORITY
-_PADDABLE = (DATA, HEADERS, PUSH_PROMISE)
 _GOAWAY_FIXED = 8  # last stream id and error code; any debug data after it is skipped
 
 # The shape of each frame type (RFC 9113 section 6), the one definition both paths of
@@ -130,8 +129,19 @@ def _check(ftype: int, flags: int, length: int, stream: int) -> None:
         raise H2Error("bad SETTINGS length")
     if ftype == GOAWAY and length < _GOAWAY_FIXED:
         raise H2Error("GOAWAY truncated")
-    if flags & FLAG_PADDED and not length and ftype in _PADDABLE:
+
+
+def _check_padding(pad: int, length: int) -> None:
+    """Raise H2Error unless the pad length byte and `pad` bytes of padding fit in a
+    padded frame of `length` bytes."""
+    if pad >= length:
         raise H2Error("bad padding")
+
+
+def _check_block(block_stream: int, ftype: int, stream: int) -> None:
+    """While a header block waits for CONTINUATIONs, nothing else may come between."""
+    if ftype != CONTINUATION or stream != block_stream:
+        raise H2Error("header block interrupted")
 
 
 class FrameReader:
@@ -244,8 +254,8 @@ class FrameReader:
             length = (hi << 16) | lo
             body = pos + 9
             stop = body + length
-            if self._block is not None and (ftype != CONTINUATION or stream != self._block_stream):
-                raise H2Error("header block interrupted")
+            if self._block is not None:
+                _check_block(self._block_stream, ftype, stream)
             if stop > end or ftype > CONTINUATION:
                 self._head(mv, pos)
                 pos = self._resume(mv, body, end)
@@ -325,8 +335,8 @@ class FrameReader:
         length = (hi << 16) | lo
         stream &= 0x7FFFFFFF
         self._type, self._flags, self._stream, self._length = ftype, flags, stream, length
-        if self._block is not None and (ftype != CONTINUATION or stream != self._block_stream):
-            raise H2Error("header block interrupted")
+        if self._block is not None:
+            _check_block(self._block_stream, ftype, stream)
         _check(ftype, flags, length, stream)
         if ftype == DATA and not flags & FLAG_PADDED:
             self._target = self._data_target(stream)
@@ -359,8 +369,7 @@ class FrameReader:
         ftype, length = self._type, self._length
         if ftype == DATA:  # padded: pass the data on, then skip the padding
             pad = payload[0]
-            if pad >= length:
-                raise H2Error("bad padding")
+            _check_padding(pad, length)
             self._target = self._data_target(self._stream)
             self._pad = pad
             self._state, self._left = _PASS, length - 1 - pad
@@ -452,6 +461,6 @@ class FrameReader:
 def _unpad(payload: memoryview, flags: int) -> memoryview:
     if not flags & FLAG_PADDED:
         return payload
-    if not payload or payload[0] >= len(payload):
-        raise H2Error("bad padding")
-    return payload[1 : len(payload) - payload[0]]
+    pad = payload[0] if payload else 0
+    _check_padding(pad, len(payload))
+    return payload[1 : len(payload) - pad]
