@@ -22,8 +22,12 @@ read (the client's per-request `grpc-timeout`, say) do not stop later blocks fro
 being shared.
 
 A connection stops using the graph for good when its decoder's allowance changes
-(SETTINGS_HEADER_TABLE_SIZE). Blocks longer than `max_block` are decoded live and not
-kept; a full memo is dropped whole, and connections carry on into the new one.
+(SETTINGS_HEADER_TABLE_SIZE), or when `_GIVE_UP` of its blocks in a row missed: on a
+long-lived connection whose client writes a new grpc-timeout into the table with
+every request the states never repeat, and the graph's bookkeeping would cost more
+than plain hpack (and churn the memo every other connection uses). Blocks longer than
+`max_block` are decoded live and not kept; a full memo is dropped whole, and
+connections carry on into the new one.
 
 Below the memo, `memoize_huffman()` makes hpack decode each short Huffman string once.
 """
@@ -47,6 +51,10 @@ _MAX_VARIANTS = 8
 # Different blocks kept from one node, and (node, block) pairs remembered as seen once.
 _MAX_BLOCKS = 128
 _MAX_SEEN = 4096
+# Misses in a row after which a connection decodes with plain hpack for good: more
+# blocks than a connection per job (as GitLab Runner opens them), or one carrying a
+# few jobs, has in all, and few next to a long-lived connection's thousands.
+_GIVE_UP = 64
 
 Entry = tuple[bytes, bytes]
 Headers = Sequence[tuple[bytes, bytes]]
@@ -93,14 +101,17 @@ class _Read(tuple[bytes, bytes]):
 
 
 class _ReadTable(HeaderTable):
-    """hpack's table, recording the entries a decode reads."""
+    """hpack's table, recording the entries a decode reads (while `recording`)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.reads: list[tuple[Entry, _Read]] = []
+        self.recording = True
 
     def get_by_index(self, index: int) -> Entry:
         entry: Entry = super().get_by_index(index)
+        if not self.recording:
+            return entry
         read = _Read(entry)
         self.reads.append((entry, read))
         return read
@@ -216,7 +227,7 @@ class CachedDecoder:
     as a sequence of (name, value) tuples, and raises what it would raise.
     """
 
-    __slots__ = ("_allowed", "_cache", "_entries", "_live", "_live_current", "_node")
+    __slots__ = ("_allowed", "_cache", "_entries", "_live", "_live_current", "_missed", "_node")
 
     def __init__(self, cache: BlockCache) -> None:
         self._cache = cache
@@ -225,6 +236,7 @@ class CachedDecoder:
         self._live: Decoder | None = None  # once one was needed
         self._live_current = False  # whether `_live` holds `_entries`
         self._allowed = _DEFAULT_TABLE
+        self._missed = 0  # blocks in a row decoded live
 
     @property
     def tracked(self) -> bool:
@@ -240,9 +252,13 @@ class CachedDecoder:
             return
         # The graph was built for the default allowance: go live for good.
         live = self._live_decoder()
-        self._node = None
+        self._untrack(live)
         self._allowed = value
         live.max_allowed_table_size = value
+
+    def _untrack(self, live: Decoder) -> None:
+        self._node = None
+        cast(_ReadTable, live.header_table).recording = False
 
     def decode(self, block: bytes) -> Headers:
         node = self._node
@@ -258,8 +274,12 @@ class CachedDecoder:
                         elif nxt is not node:  # a new table size
                             self._live_current = False
                         self._node = nxt
+                        self._missed = 0
                         self._cache.hits += 1
                         return headers
+        elif self._live is not None:
+            # Untracked for good: plain hpack, nothing recorded.
+            return cast(Headers, self._live.decode(block, raw=True))
         return self._decode_live(block)
 
     def _live_decoder(self) -> Decoder:
@@ -279,15 +299,24 @@ class CachedDecoder:
         table.reads.clear()
         # On an error the decoder is left as hpack leaves it, untracked.
         self._node = None
-        headers: Headers = tuple(live.decode(block, raw=True))
+        try:
+            headers: Headers = tuple(live.decode(block, raw=True))
+        except BaseException:
+            table.recording = False
+            raise
         reads, table.reads = table.reads, []
         if node is None:
             return headers
         after = list(table.dynamic_entries)
         cache = self._cache
         cache.misses += 1
+        self._missed += 1
+        if self._missed >= _GIVE_UP:
+            self._untrack(live)
+            return headers
         nxt = cache.node(live.header_table_size, after)
         if nxt is None:
+            self._untrack(live)
             return headers  # no room even in an empty memo: stay live
         self._node, self._entries = nxt, after
         # The block's entries come first, then what survives of the old ones.

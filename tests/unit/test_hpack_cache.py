@@ -15,12 +15,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
+from benchmarks.replay import shared_connection
+from exporter import hpack_cache
 from exporter.h2 import MAX_HEADER_BLOCK
 from exporter.hpack_cache import BlockCache, CachedDecoder, _Read, memoize_huffman
 from exporter.metrics import HPACK_BLOCK_CACHE, Metrics
 from exporter.observer import ConnectionObserver
 
-from .captures import CAPTURES, RecordingSink, read_h2cap, replay
+from .captures import CAPTURES, Record, RecordingSink, read_h2cap, replay
 
 CAPTURE_FILES = sorted(CAPTURES.glob("*.h2cap"))
 
@@ -54,6 +56,20 @@ def test_captures_observe_the_same_with_and_without_the_cache() -> None:
     assert [memo.misses for memo in memos] == misses
     assert all(memo.memoized > len(corpus) for memo in memos)
     assert all(memo.resets == 0 for memo in memos)
+
+
+@pytest.mark.parametrize("deadline", [False, True])
+def test_a_long_lived_connection_observes_the_same_with_and_without_the_cache(
+    deadline: bool,
+) -> None:
+    memos = (
+        BlockCache(max_header_list_size=MAX_HEADER_BLOCK),
+        BlockCache(max_header_list_size=MAX_HEADER_BLOCK),
+    )
+    feed = shared_connection(300, deadline=deadline)
+    records = [Record(direction, 0.0, data) for direction, data in feed]
+    assert observed(records, memos) == observed(records, None)
+    assert sum(memo.hits for memo in memos) > 300 * 4  # the server side, at least
 
 
 # -- random blocks --------------------------------------------------------------
@@ -148,6 +164,7 @@ class _Conn:
     order=st.lists(st.integers(min_value=0, max_value=3), max_size=60),
     budget=st.sampled_from([2_000, 20_000, 1 << 20]),
     generations=st.integers(min_value=1, max_value=4),
+    give_up=st.sampled_from([1, 3, hpack_cache._GIVE_UP]),
 )
 def test_random_blocks_decode_as_plain_hpack(
     trunk: list[Step],
@@ -155,9 +172,26 @@ def test_random_blocks_decode_as_plain_hpack(
     order: list[int],
     budget: int,
     generations: int,
+    give_up: int,
 ) -> None:
     """Connections share a trunk of steps and then branch off, interleaved, like
-    jobs whose calls go the same way up to their outcome."""
+    jobs whose calls go the same way up to their outcome; with few misses allowed
+    in a row, they also go on with plain hpack after giving up on the memo."""
+    default = hpack_cache._GIVE_UP
+    hpack_cache._GIVE_UP = give_up
+    try:
+        _random_blocks(trunk, branches, order, budget, generations)
+    finally:
+        hpack_cache._GIVE_UP = default
+
+
+def _random_blocks(
+    trunk: list[Step],
+    branches: list[tuple[int, list[Step]]],
+    order: list[int],
+    budget: int,
+    generations: int,
+) -> None:
     cache = BlockCache(max_header_list_size=8192, budget=budget, max_block=512)
     scripts = [trunk[:cut] + tail for cut, tail in branches]
     # The same again on new connections walks what the earlier ones memoized (or
@@ -225,6 +259,27 @@ def test_a_long_connection_repeating_itself_stays_in_a_small_cache() -> None:
     assert cache.resets == 0
     assert cache.size == 3
     assert cache.misses < 10
+
+
+def test_a_long_connection_that_never_repeats_gives_up_on_the_memo() -> None:
+    """A long-lived connection whose client writes each call's own grpc-timeout into
+    the table: no state comes twice, so after _GIVE_UP misses in a row it decodes with
+    plain hpack, exactly as before, and leaves the shared memo alone."""
+    cache = BlockCache(max_header_list_size=MAX_HEADER_BLOCK)
+    conn = _Conn(cache)
+    for call in range(500):
+        path = (b":path", b"/proto.StepRunner/" + [b"Run", b"FollowLogs", b"Status"][call % 3])
+        conn.check(bytes(conn.encoder.encode([path, (b"grpc-timeout", b"%du" % (10**8 + call))])))
+        assert not conn.dead
+    assert not tracked(conn.cached)
+    assert (cache.hits, cache.misses) == (0, hpack_cache._GIVE_UP)
+    assert cache.resets == 0 and cache.size <= hpack_cache._GIVE_UP + 1
+    # Repeating connections still share the memo.
+    for _ in range(3):
+        again = _Conn(cache)
+        for headers in (POOL[0], POOL[1]):
+            again.check(bytes(again.encoder.encode(headers)))
+    assert cache.hits == 2
 
 
 def test_a_miss_after_hits_restores_the_table() -> None:
