@@ -75,8 +75,9 @@ STEP_RUNNER_METHODS: dict[str, str] = {
 
 @dataclass(frozen=True, slots=True)
 class Method:
-    """A call's labels. Paths outside the configured StepRunner service are all
-    `Method(unknown, unknown, unknown)` so no client can grow the label set."""
+    """A call's labels. Paths that are not StepRunner method paths
+    (exporter.methods) are all `Method(unknown, unknown, unknown)` so no client can
+    grow the label set."""
 
     service: str
     name: str
