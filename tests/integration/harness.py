@@ -25,10 +25,12 @@ from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+import grpc
 from google.protobuf.message import Message
 
 from exporter.simulator import SimulatedStepRunner, call_once
 from exporter.simulator.client import CallResult
+from tests.labels import SERVICE as STEP_RUNNER_SERVICE
 
 T = TypeVar("T")
 Transport = Literal["unix", "tcp"]
@@ -58,6 +60,33 @@ async def simulated_step_runner(
         address = unix_address(directory) if transport == "unix" else "127.0.0.1:0"
         async with SimulatedStepRunner(address, **kwargs) as sim:
             yield sim
+
+
+@contextlib.asynccontextmanager
+async def scripted_step_runner(
+    handlers: Mapping[str, Callable[..., Any]], options: Sequence[tuple[str, Any]] = ()
+) -> AsyncIterator[str]:
+    """A grpc.aio server for answers the simulator does not give: its StepRunner methods
+    (FollowLogs streaming, the rest unary) take and return raw bytes. Yields its target."""
+    server = grpc.aio.server(options=tuple(options))
+    wrapped = {
+        name: (
+            grpc.unary_stream_rpc_method_handler(handler)
+            if name == "FollowLogs"
+            else grpc.unary_unary_rpc_method_handler(handler)
+        )
+        for name, handler in handlers.items()
+    }
+    service = grpc.method_handlers_generic_handler(STEP_RUNNER_SERVICE, wrapped)
+    server.add_generic_rpc_handlers((service,))
+    with short_tmpdir() as directory:
+        address = unix_address(directory, "scripted.sock")
+        server.add_insecure_port(address)
+        await server.start()
+        try:
+            yield address
+        finally:
+            await server.stop(None)
 
 
 def run_async(coro: Coroutine[Any, Any, T], timeout: float = DEFAULT_TIMEOUT) -> T:

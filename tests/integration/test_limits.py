@@ -36,7 +36,14 @@ from exporter.simulator import SimulatedStepRunner, run_job
 from tests.labels import ALLOWED, SERVICE
 from tests.wire import frame, varint
 
-from .harness import BackgroundLoop, async_wait_until, grpc_call, run_async, short_tmpdir
+from .harness import (
+    BackgroundLoop,
+    async_wait_until,
+    grpc_call,
+    run_async,
+    scripted_step_runner,
+    short_tmpdir,
+)
 from .sidecar import counted, http_get, running_sidecar, sample, target, web_url
 from .test_faults import (
     DATA,
@@ -67,34 +74,6 @@ def exported_series(sidecar: Sidecar) -> set[SeriesKey]:
                     assert value in ALLOWED[label], (s.name, label, value)
             keys.add((s.name, frozenset(s.labels.items())))
     return keys
-
-
-# -- a scripted step-runner for answers the simulator does not give ---------------------------
-
-
-@contextlib.asynccontextmanager
-async def scripted_step_runner(
-    handlers: dict[str, Any], options: tuple[tuple[str, Any], ...] = ()
-) -> AsyncIterator[str]:
-    """A grpc.aio server whose StepRunner methods take and return raw bytes."""
-    server = grpc.aio.server(options=options)
-    wrapped = {
-        name: (
-            grpc.unary_stream_rpc_method_handler(handler)
-            if name == "FollowLogs"
-            else grpc.unary_unary_rpc_method_handler(handler)
-        )
-        for name, handler in handlers.items()
-    }
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, wrapped),))
-    with short_tmpdir() as d:
-        address = f"unix://{d}/scripted.sock"
-        server.add_insecure_port(address)
-        await server.start()
-        try:
-            yield address
-        finally:
-            await server.stop(None)
 
 
 async def _ok(request: bytes, context: grpc.aio.ServicerContext) -> bytes:

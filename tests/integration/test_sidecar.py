@@ -26,6 +26,7 @@ from .harness import (
     async_wait_until,
     grpc_call,
     run_async,
+    scripted_step_runner,
     short_tmpdir,
     simulated_step_runner,
 )
@@ -150,41 +151,26 @@ def test_a_thousand_jobs_counted_exactly(loop: BackgroundLoop, sidecar: Sidecar)
 def test_client_deadline_reaches_the_upstream() -> None:
     seen: list[float | None] = []
 
+    async def status(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        seen.append(context.time_remaining())
+        await asyncio.Event().wait()  # never answers: the deadline cancels it
+        return b""
+
     async def main() -> None:
-        server = grpc.aio.server()
-
-        async def status(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-            seen.append(context.time_remaining())
-            await asyncio.sleep(3600)  # until the deadline cancels us
-            return b""
-
-        handler = grpc.method_handlers_generic_handler(
-            "proto.StepRunner",
-            {"Status": grpc.unary_unary_rpc_method_handler(status)},
-        )
-        server.add_generic_rpc_handlers((handler,))
-        with short_tmpdir() as d:
-            server.add_insecure_port(f"unix://{d}/up.sock")
-            await server.start()
-            try:
-                async with running_sidecar(f"unix://{d}/up.sock") as sidecar:
-                    request = step_pb2.StatusRequest(id="dl-1")
-                    started = time.monotonic()
-                    result = await grpc_call(target(sidecar), "Status", request, deadline=1.0)
-                    assert result.code == "DeadlineExceeded"
-                    assert time.monotonic() - started >= 0.95  # not cut early
-                    # The upstream got the client's deadline (grpc-timeout rounds up
-                    # to its units, so a hair over 1 s is fine; none would be None).
-                    assert seen and seen[0] is not None and 0 < seen[0] <= 1.05
-                    failure = (
-                        "script_failure",
-                        "grpc_status",
-                        "DeadlineExceeded",
-                        "infrastructure",
-                    )
-                    await async_wait_until(lambda: counted(sidecar)[1] == {failure: 1})
-            finally:
-                await server.stop(None)
+        async with (
+            scripted_step_runner({"Status": status}) as upstream,
+            running_sidecar(upstream) as sidecar,
+        ):
+            request = step_pb2.StatusRequest(id="dl-1")
+            started = time.monotonic()
+            result = await grpc_call(target(sidecar), "Status", request, deadline=1.0)
+            assert result.code == "DeadlineExceeded"
+            assert time.monotonic() - started >= 0.95  # not cut early
+            # The upstream got the client's deadline (grpc-timeout rounds up to its
+            # units, so a hair over 1 s is fine; none would be None).
+            assert seen and seen[0] is not None and 0 < seen[0] <= 1.05
+            failure = ("script_failure", "grpc_status", "DeadlineExceeded", "infrastructure")
+            await async_wait_until(lambda: counted(sidecar)[1] == {failure: 1})
 
     run_async(main())
 
