@@ -30,7 +30,7 @@ from exporter.config import ConfigError, parse_config
 from exporter.splice import ListenError
 
 from .harness import run_async, short_tmpdir, simulated_step_runner
-from .sidecar import ServeProcess, serve_argv, serve_process
+from .sidecar import ServeProcess, serve_argv, serve_process, sidecar_config
 
 pytestmark = pytest.mark.integration
 
@@ -270,12 +270,7 @@ def test_no_password_or_hash_is_ever_logged(secured: Secured) -> None:
 
 
 def _sidecar(directory: str, upstream: str, **config: object) -> Sidecar:
-    raw: dict[str, object] = {
-        "listen": f"unix://{directory}/sidecar.sock",
-        "upstream": upstream,
-        "web": {"listen_address": "127.0.0.1:0"},
-    }
-    raw.update(config)
+    raw = sidecar_config(directory, upstream, **config)
     return Sidecar(parse_config(raw, source="<test>"), web=False, process_metrics=False)
 
 
