@@ -5,7 +5,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint unit integration bench bench-deps prometheus-bin docker-bin soak regen clean
+.PHONY: demo test lint unit integration bench bench-deps prometheus-bin docker-bin soak regen clean \
+  shared-check shared-copies
 
 $(STAMP): pyproject.toml
 	@# Debian's system Python needs python3-venv (and pip's ensurepip) for this.
@@ -60,8 +61,22 @@ unit: $(STAMP)
 integration: $(STAMP) prometheus-bin bench-deps docker-bin
 	$(PY) -m pytest -q tests/integration
 
-test: $(STAMP) prometheus-bin bench-deps docker-bin lint
+test: $(STAMP) prometheus-bin bench-deps docker-bin lint shared-check
 	$(PY) -m pytest -q -p no:cacheprovider tests
+
+# The tests read only the repository's own copies of the contract (docs/SPEC.md) and of
+# the recorded captures (tests/captures/), so a clone with nothing beside it runs every
+# test. Where the coordinator's ../shared is beside it (as in CI), a copy that differs
+# from it fails `make test`; `make shared-copies` takes the current ones.
+SHARED ?= ../shared
+shared-check:
+	@[ ! -d $(SHARED) ] || { cmp -s $(SHARED)/SPEC.md docs/SPEC.md && \
+	  for f in $(SHARED)/captures/*; do cmp -s "$$f" "tests/captures/$${f##*/}" || exit 1; done; } || \
+	  { echo "docs/SPEC.md or tests/captures/ differ from $(SHARED): run make shared-copies" >&2; exit 1; }
+
+shared-copies:
+	install -m 644 $(SHARED)/SPEC.md docs/SPEC.md
+	install -m 644 $(SHARED)/captures/* tests/captures/
 
 # 100,000 simulated jobs with periodic step-runner restarts: exact counts, bounded
 # tracking, flat memory (minutes; `SOAK_ARGS=--short` for a few seconds).

@@ -20,9 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -37,10 +35,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.classifier import RESULTS
 from exporter.simulator import SimulatedStepRunner, Tally, run_jobs
+from tests.integration.harness import log_fields
+from tests.integration.sidecar import ServeProcess, serve_argv, serve_process
 
 COMMAND = str(Path(sys.executable).with_name("step-runner-exporter"))
 FAILURE_LABELS = ("failure_reason", "source", "kind", "category")
-_MSG = re.compile(r'msg=("[^"]*"|\S+)')
 
 
 @dataclass
@@ -142,67 +141,27 @@ def rss_mib(pid: int) -> float:
     raise RuntimeError(f"no VmRSS for {pid}")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextlib.contextmanager
-def sidecar_process(
-    directory: Path, upstream: str, max_tracked: int
-) -> Iterator[tuple[subprocess.Popen[bytes], str, str]]:
-    port = free_port()
-    listen = f"unix://{directory}/sidecar.sock"
+def sidecar_process(directory: Path, upstream: str, max_tracked: int) -> Iterator[ServeProcess]:
+    """The sidecar, its web endpoint on a port it picks; its log kept in the directory."""
     config = directory / "config.yml"
     config.write_text(
-        f"listen: {listen}\n"
+        f"listen: unix://{directory}/sidecar.sock\n"
         f"upstream: {upstream}\n"
-        f"web: {{listen_address: '127.0.0.1:{port}'}}\n"
         f"jobs: {{max_tracked: {max_tracked}}}\n"
         "shutdown: {grace_period: 5s, final_scrape_wait: 0s}\n"
-        "log: {level: warning}\n"
     )
-    with (directory / "sidecar.log").open("wb") as log:
-        proc = subprocess.Popen(
-            [COMMAND, "serve", "--config.file", str(config)], stdout=log, stderr=log
-        )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while not _ready(f"{base}/-/ready"):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError((directory / "sidecar.log").read_text())
-            time.sleep(0.05)  # polling the process's readiness, with a deadline
-        yield proc, listen, f"{base}/metrics"
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
-def _ready(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return bool(response.status == 200)
-    except OSError:
-        return False
+    argv = serve_argv(config=config)
+    with serve_process(argv, log_file=directory / "sidecar.log") as sidecar:
+        yield sidecar
 
 
 async def soak(args: argparse.Namespace) -> int:
     directory = Path(tempfile.mkdtemp(prefix="srx-soak-", dir="/tmp"))
     try:
         async with SimulatedStepRunner(f"unix://{directory}/sr.sock", relay=True) as sim:
-            with sidecar_process(directory, sim.listen_address, args.max_tracked) as (
-                proc,
-                target,
-                metrics_url,
-            ):
-                status = await _run(args, sim, proc, target, metrics_url)
+            with sidecar_process(directory, sim.listen_address, args.max_tracked) as sidecar:
+                status = await _run(args, sim, sidecar.process, sidecar.listen, sidecar.url())
         print_sidecar_log(directory / "sidecar.log")
         return status
     finally:
@@ -210,12 +169,12 @@ async def soak(args: argparse.Namespace) -> int:
 
 
 def print_sidecar_log(path: Path) -> None:
-    """The sidecar logs at warning level here: anything it said is worth seeing."""
-    messages = Counter(
-        match.group(1) if (match := _MSG.search(line)) else line.strip()
-        for line in path.read_text(errors="replace").splitlines()
-        if line.strip()
-    )
+    """Anything the sidecar said above info (a line of no level, a traceback, too)."""
+    messages: Counter[str] = Counter()
+    for line in path.read_text(errors="replace").splitlines():
+        fields = log_fields(line)
+        if line.strip() and fields.get("level") not in ("debug", "info"):
+            messages[str(fields.get("msg", line.strip()))] += 1
     print(f"sidecar warnings/errors: {sum(messages.values())}")
     for message, count in messages.most_common(10):
         print(f"  {count:>6} {message}")

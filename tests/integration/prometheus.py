@@ -1,16 +1,14 @@
 """A real Prometheus server (Debian's /usr/bin/prometheus) for integration tests:
-127.0.0.1 on a free port, config and TSDB in a temp dir, exemplar storage on, a short
-scrape interval, always stopped. Plus small helpers for its HTTP API."""
+127.0.0.1 on a port it picks itself (port 0; it logs the one it bound), config and TSDB
+in a temp dir, exemplar storage on, a short scrape interval, always stopped. Plus small
+helpers for its HTTP API."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import shutil
-import socket
-import subprocess
 import tempfile
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -21,7 +19,8 @@ from typing import Any, TypeVar
 
 import yaml
 
-from .harness import stop_process
+from . import harness
+from .harness import ProcessLog, child_process
 
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
 PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
@@ -33,33 +32,20 @@ class PrometheusError(AssertionError):
     """The HTTP API answered with an error (a bad query, an evaluation failure)."""
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def poll(probe: Callable[[], T | None], timeout: float, what: str, interval: float = 0.05) -> T:
-    """Call `probe` until it returns something other than None; fail after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value is not None:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
+def poll(probe: Callable[[], T | None], timeout: float, what: str) -> T:
+    """harness.poll at a pace that leaves Prometheus' HTTP API alone."""
+    return harness.poll(probe, timeout, what, interval=0.05)
 
 
 @dataclass
 class Prometheus:
     url: str
     directory: Path
-    process: subprocess.Popen[bytes]
+    logs: ProcessLog
     targets: tuple[str, ...]
 
     def log(self) -> str:
-        return (self.directory / "prometheus.log").read_text(errors="replace")
+        return self.logs.text()
 
     def get(self, path: str, **params: str) -> Any:
         """GET an /api/v1 endpoint; the `data` of a success, else PrometheusError."""
@@ -154,36 +140,31 @@ def running_prometheus(
     directory = Path(tempfile.mkdtemp(prefix="srx-prom-", dir="/tmp"))
     config = directory / "prometheus.yml"
     config.write_text(yaml.safe_dump(_config(targets, rule_files, interval)))
-    port = free_port()
-    with (directory / "prometheus.log").open("wb") as log:
-        process = subprocess.Popen(
-            [
-                PROMETHEUS,
-                f"--config.file={config}",
-                f"--storage.tsdb.path={directory / 'data'}",
-                f"--web.listen-address=127.0.0.1:{port}",
-                "--enable-feature=exemplar-storage",
-                "--storage.tsdb.retention.time=1d",
-                "--log.level=warn",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
-    server = Prometheus(f"http://127.0.0.1:{port}", directory, process, tuple(targets))
+    argv = [
+        PROMETHEUS,
+        f"--config.file={config}",
+        f"--storage.tsdb.path={directory / 'data'}",
+        "--web.listen-address=127.0.0.1:0",
+        "--enable-feature=exemplar-storage",
+        "--storage.tsdb.retention.time=1d",
+        # info, for the line that says which port it bound.
+        "--log.level=info",
+    ]
     try:
-        poll(lambda: _ready(server), timeout, "Prometheus /-/ready")
-        yield server
+        with child_process(argv, _ready, what="prometheus", timeout=timeout) as (_, log, url):
+            yield Prometheus(url, directory, log, tuple(targets))
     finally:
-        stop_process(process)
         shutil.rmtree(directory, ignore_errors=True)
 
 
-def _ready(server: Prometheus) -> bool | None:
-    if server.process.poll() is not None:
-        raise AssertionError(f"prometheus exited {server.process.returncode}:\n{server.log()}")
+def _ready(log: ProcessLog) -> str | None:
+    """Prometheus' URL once it bound its port and answers /-/ready."""
+    listening = log.record("Listening on")
+    if listening is None:
+        return None
+    url = f"http://{listening['address']}"
     try:
-        with urllib.request.urlopen(f"{server.url}/-/ready", timeout=2) as response:
-            return True if response.status == 200 else None
+        with urllib.request.urlopen(f"{url}/-/ready", timeout=2) as response:
+            return url if response.status == 200 else None
     except OSError:
         return None

@@ -25,7 +25,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -41,6 +40,7 @@ from exporter.config import load_config
 from exporter.simulator import run_jobs
 from tests.integration.docker_daemon import DockerDaemon, docker_daemon, unavailable
 from tests.integration.harness import short_tmpdir, simulated_step_runner_thread, wait_until
+from tests.integration.sidecar import ANY_PORT, ServeProcess, serve_process
 from tests.unit.test_deploy_files import (
     CONFIG_IN_IMAGE,
     CONFIG_ON_VM,
@@ -347,12 +347,6 @@ def test_image_install_command_works_in_a_fresh_virtualenv(tmp_path: Path) -> No
 # --- smoke tests ---------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def http_get(url: str) -> tuple[int, str]:
     try:
         with urllib.request.urlopen(url, timeout=5) as response:
@@ -385,41 +379,27 @@ def replace_paths(argv: list[str], mapping: dict[str, str]) -> list[str]:
 
 
 @contextlib.contextmanager
-def sidecar_process(
-    argv: list[str], env: dict[str, str], log: Path, port: int
-) -> Iterator[subprocess.Popen[bytes]]:
-    with log.open("wb") as out:
-        process = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        wait_until(
-            lambda: (
-                process.poll() is not None or http_get(f"http://127.0.0.1:{port}/-/ready")[0] == 200
-            ),
-            STARTUP_TIMEOUT,
-            "the sidecar to be ready",
-        )
-        assert process.poll() is None, log.read_text(errors="replace")
-        yield process
-    finally:
-        if process.poll() is None:
-            process.kill()
-        process.wait(10)
+def sidecar_process(argv: list[str], env: dict[str, str]) -> Iterator[ServeProcess]:
+    """The deployment's command line, its web endpoint on a port it picks (ANY_PORT)."""
+    with serve_process(argv, env=env, timeout=STARTUP_TIMEOUT) as sidecar:
+        assert http_get(sidecar.url("/-/ready"))[0] == 200, sidecar.log.text()
+        yield sidecar
 
 
-def stop_with_final_scrape(process: subprocess.Popen[bytes], port: int, log: Path) -> str:
+def stop_with_final_scrape(sidecar: ServeProcess) -> str:
     """SIGTERM, as systemd and the kubelet send it; the sidecar keeps /metrics up until
     scraped once more, then exits 0. Returns that last scrape."""
-    process.send_signal(signal.SIGTERM)
+    sidecar.terminate()
     last: list[str] = []
 
     def scraped_and_exited() -> bool:
-        status, text = http_get(f"http://127.0.0.1:{port}/metrics")
+        status, text = http_get(sidecar.url("/metrics"))
         if status == 200:
             last.append(text)
-        return process.poll() is not None
+        return sidecar.process.poll() is not None
 
     wait_until(scraped_and_exited, STOP_TIMEOUT, "the sidecar to stop after its final scrape")
-    assert process.returncode == 0, log.read_text(errors="replace")
+    assert sidecar.process.returncode == 0, sidecar.log.text()
     assert last, "no scrape succeeded after SIGTERM: the last increments would be lost"
     return last[-1]
 
@@ -455,30 +435,27 @@ def test_sidecar_runs_as_the_systemd_unit_starts_it() -> None:
         },
     )
     assert argv[1:] == ["serve", "--config.file", str(DEPLOY / "systemd" / "config.yml")]
-    port = free_port()
     with simulated_step_runner_thread() as (sim, loop), short_tmpdir() as directory:
         listen = f"unix://{directory}/step-runner.sock"
         relocated = [
             *argv,
             *("--listen", listen, "--upstream", sim.listen_address),
-            *("--web.listen-address", f"127.0.0.1:{port}"),
+            *("--web.listen-address", ANY_PORT),
         ]
-        log = Path(directory) / "sidecar.log"
-        with sidecar_process(relocated, env, log, port) as process:
-            assert http_get(f"http://127.0.0.1:{port}/-/healthy")[0] == 200
+        with sidecar_process(relocated, env) as sidecar:
+            assert http_get(sidecar.url("/-/healthy"))[0] == 200
             mix = {"success": 3.0, "step_failure": 1.0}
             tally = loop.run(run_jobs(listen, 8, concurrency=2, mix=mix, seed=4), timeout=60)
             assert sum(tally.results.values()) == 8
             wait_until(
-                lambda: (
-                    jobs_by_result(http_get(f"http://127.0.0.1:{port}/metrics")[1])
-                    == dict(tally.results)
-                ),
+                lambda: jobs_by_result(http_get(sidecar.url("/metrics"))[1]) == dict(tally.results),
                 10,
                 "the sidecar to count every job",
             )
-            assert rss_bytes(process.pid) < memory_limit(), "MemoryMax / the pod limit is too low"
-            text = stop_with_final_scrape(process, port, log)
+            assert rss_bytes(sidecar.process.pid) < memory_limit(), (
+                "MemoryMax / the pod limit is too low"
+            )
+            text = stop_with_final_scrape(sidecar)
         check_scrape(text, jobs=8)
         # The VM config's static label is on every series (the SLO groups by it).
         assert all(labels.get("runner") == "runner-1" for _, labels, _ in samples(text) if labels)
@@ -503,7 +480,6 @@ def test_sidecar_runs_as_the_container_starts_it_behind_the_compose_demo() -> No
     )
     services = compose()["services"]
     demo = str(DEPLOY / "compose" / "demo_roles.py")
-    port = free_port()
     with short_tmpdir() as directory:
         upstream = f"unix://{directory}/upstream.sock"
         listen = f"unix://{directory}/step-runner.sock"
@@ -520,13 +496,12 @@ def test_sidecar_runs_as_the_container_starts_it_behind_the_compose_demo() -> No
             stderr=subprocess.DEVNULL,
         )
         try:
-            log = Path(directory) / "sidecar.log"
             relocated = [
                 *argv,
                 *("--listen", listen, "--upstream", upstream),
-                *("--web.listen-address", f"127.0.0.1:{port}"),
+                *("--web.listen-address", ANY_PORT),
             ]
-            with sidecar_process(relocated, env, log, port) as process:
+            with sidecar_process(relocated, env) as sidecar:
                 traffic = demo_argv("traffic", "--target", listen)
                 traffic[traffic.index("--pause") + 1] = "0"
                 result = run([*traffic, "--jobs", "12"])
@@ -535,15 +510,12 @@ def test_sidecar_runs_as_the_container_starts_it_behind_the_compose_demo() -> No
                 assert sum(sent.values()) == 12
                 wait_until(
                     lambda: (
-                        sum(
-                            jobs_by_result(http_get(f"http://127.0.0.1:{port}/metrics")[1]).values()
-                        )
-                        == 12
+                        sum(jobs_by_result(http_get(sidecar.url("/metrics"))[1]).values()) == 12
                     ),
                     10,
                     "the sidecar to count every job",
                 )
-                text = stop_with_final_scrape(process, port, log)
+                text = stop_with_final_scrape(sidecar)
             check_scrape(text, jobs=12)
             assert set(jobs_by_result(text)) <= {"success", "failed", "cancelled"}
         finally:
@@ -599,38 +571,38 @@ def test_docker_tap_runs_as_its_unit_starts_it_in_front_of_a_real_daemon(
             name, _, setting = item.partition("=")
             env[name] = setting
     config = load_config(layout.config)
-    port = free_port()
     with docker_daemon() as daemon, short_tmpdir() as directory:
         tap = f"unix://{directory}/docker.sock"
         relocated = [
             *argv,
             *("--listen", tap, "--upstream", daemon.host),
-            *("--web.listen-address", f"127.0.0.1:{port}"),
+            *("--web.listen-address", ANY_PORT),
         ]
-        log = Path(directory) / "sidecar.log"
         identity: list[str] = []
         if layout is IN_PLACE_LAYOUT:
             assert stat.S_IMODE(os.stat(daemon.dir).st_mode) == 0o700
             identity = setpriv_as(docker_unit_of(layout))
-        with sidecar_process([*identity, *relocated], env, log, port) as process:
+        with sidecar_process([*identity, *relocated], env) as sidecar:
             if identity:
-                assert capabilities(process.pid) == {"CapEff": 0, "CapPrm": 0, "CapBnd": 0}
+                assert capabilities(sidecar.process.pid) == {"CapEff": 0, "CapPrm": 0, "CapBnd": 0}
             # The socket as the config says: the daemon's permissions, group docker.
             st = os.stat(socket_path_of(tap))
             assert (stat.S_IMODE(st.st_mode), st.st_gid) == (config.socket.mode, docker_gid)
             compare_through_tap(daemon, tap)
-            text = http_get(f"http://127.0.0.1:{port}/metrics")[1]
+            text = http_get(sidecar.url("/metrics"))[1]
             assert ("step_runner_exporter_upstream_up", 1.0) in [
                 (name, value) for name, _, value in samples(text)
             ]
             if docker_tap_implemented():
                 # create, ps, inspect, version and rm: at least one request each.
                 wait_until(
-                    lambda: docker_requests(port) >= 5, 10, "the tap to count the CLI's requests"
+                    lambda: docker_requests(sidecar) >= 5,
+                    10,
+                    "the tap to count the CLI's requests",
                 )
                 sessions = family_total(text, "step_runner_exporter_docker_exec_sessions_total")
                 assert not sessions, "no exec was started"
-            final = stop_with_final_scrape(process, port, log)
+            final = stop_with_final_scrape(sidecar)
         assert family_total(final, "step_runner_jobs_total") == 0
         assert all(
             labels.get("runner") == config.labels.get("runner") for _, labels, _ in samples(final)
@@ -664,8 +636,8 @@ def capabilities(pid: int) -> dict[str, int]:
     return {name: int(fields[name], 16) for name in ("CapEff", "CapPrm", "CapBnd")}
 
 
-def docker_requests(port: int) -> float:
-    text = http_get(f"http://127.0.0.1:{port}/metrics")[1]
+def docker_requests(sidecar: ServeProcess) -> float:
+    text = http_get(sidecar.url("/metrics"))[1]
     return family_total(text, "step_runner_exporter_docker_requests_total") or 0.0
 
 

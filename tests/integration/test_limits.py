@@ -32,11 +32,18 @@ from exporter.app import Sidecar
 from exporter.events import STEP_RUNNER_METHODS
 from exporter.h2 import PREFACE
 from exporter.proto import step_pb2
-from exporter.simulator import run_job
+from exporter.simulator import SimulatedStepRunner, run_job
 from tests.labels import ALLOWED, SERVICE
 from tests.wire import frame, varint
 
-from .harness import async_wait_until, grpc_call, run_async, short_tmpdir, simulated_step_runner
+from .harness import (
+    BackgroundLoop,
+    async_wait_until,
+    grpc_call,
+    run_async,
+    scripted_step_runner,
+    short_tmpdir,
+)
 from .sidecar import counted, http_get, running_sidecar, sample, target, web_url
 from .test_faults import (
     DATA,
@@ -69,34 +76,6 @@ def exported_series(sidecar: Sidecar) -> set[SeriesKey]:
     return keys
 
 
-# -- a scripted step-runner for answers the simulator does not give ---------------------------
-
-
-@contextlib.asynccontextmanager
-async def scripted_step_runner(
-    handlers: dict[str, Any], options: tuple[tuple[str, Any], ...] = ()
-) -> AsyncIterator[str]:
-    """A grpc.aio server whose StepRunner methods take and return raw bytes."""
-    server = grpc.aio.server(options=options)
-    wrapped = {
-        name: (
-            grpc.unary_stream_rpc_method_handler(handler)
-            if name == "FollowLogs"
-            else grpc.unary_unary_rpc_method_handler(handler)
-        )
-        for name, handler in handlers.items()
-    }
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, wrapped),))
-    with short_tmpdir() as d:
-        address = f"unix://{d}/scripted.sock"
-        server.add_insecure_port(address)
-        await server.start()
-        try:
-            yield address
-        finally:
-            await server.stop(None)
-
-
 async def _ok(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
     return b""
 
@@ -113,44 +92,45 @@ async def _call_big(target_: str, method: str, request: bytes) -> bytes:
 # -- connection limit --------------------------------------------------------------------------
 
 
-def test_connections_over_the_limit_are_closed_at_once_and_counted() -> None:
+@pytest.mark.step_runner(relay=True)
+@pytest.mark.sidecar(limits={"max_connections": 2})
+def test_connections_over_the_limit_are_closed_at_once_and_counted(
+    loop: BackgroundLoop, step_runner: SimulatedStepRunner, sidecar: Sidecar
+) -> None:
     async def main() -> None:
-        async with (
-            simulated_step_runner(relay=True) as sim,
-            running_sidecar(sim.listen_address, limits={"max_connections": 2}) as sidecar,
-        ):
-            splice = sidecar.splice
-            assert splice is not None and splice.listen.path is not None
-            path = splice.listen.path
-            base = sim.connections  # the sidecar's reachability probe connected once
-            held = [await RawClient.connect(path) for _ in range(2)]
-            await async_wait_until(
-                lambda: sim.connections == base + 2, what="two upstream connections"
-            )
+        splice = sidecar.splice
+        assert splice is not None and splice.listen.path is not None
+        path = splice.listen.path
+        base = step_runner.connections  # the sidecar's reachability probe connected once
+        held = [await RawClient.connect(path) for _ in range(2)]
+        await async_wait_until(
+            lambda: step_runner.connections == base + 2, what="two upstream connections"
+        )
 
-            for _ in range(2):  # over the limit: closed straight away, nothing upstream
-                assert await asyncio.wait_for(_closed_at_once(path), 5)
-            assert sample(sidecar, "step_runner_exporter_rejected_connections_total") == 2
-            assert sim.connections == base + 2
+        for _ in range(2):  # over the limit: closed straight away, nothing upstream
+            assert await asyncio.wait_for(_closed_at_once(path), 5)
+        assert sample(sidecar, "step_runner_exporter_rejected_connections_total") == 2
+        assert step_runner.connections == base + 2
 
-            # A gRPC client over the limit fails fast with UNAVAILABLE, not at its deadline.
-            refused = await grpc_call(
-                target(sidecar), "Status", step_pb2.StatusRequest(id="x"), deadline=20
-            )
-            assert refused.code == "Unavailable" and refused.seconds < 5
-            rejected = sample(sidecar, "step_runner_exporter_rejected_connections_total")
-            assert rejected >= 3
-            assert counted(sidecar)[0] == {"success": 0, "failed": 0, "cancelled": 0}
+        # A gRPC client over the limit fails fast with UNAVAILABLE: at its deadline
+        # it would have been DEADLINE_EXCEEDED.
+        refused = await grpc_call(
+            target(sidecar), "Status", step_pb2.StatusRequest(id="x"), deadline=20
+        )
+        assert refused.code == "Unavailable"
+        rejected = sample(sidecar, "step_runner_exporter_rejected_connections_total")
+        assert rejected >= 3
+        assert counted(sidecar)[0] == {"success": 0, "failed": 0, "cancelled": 0}
 
-            held.pop().close()  # a slot frees up: the next job goes through
-            await async_wait_until(lambda: splice.active_connections == 1)
-            record = await run_job(target(sidecar), "success", "after-limit")
-            assert record.problems() == []
-            await async_wait_until(lambda: counted(sidecar)[0]["success"] == 1)
-            for client in held:
-                client.close()
+        held.pop().close()  # a slot frees up: the next job goes through
+        await async_wait_until(lambda: splice.active_connections == 1)
+        record = await run_job(target(sidecar), "success", "after-limit")
+        assert record.problems() == []
+        await async_wait_until(lambda: counted(sidecar)[0]["success"] == 1)
+        for client in held:
+            client.close()
 
-    run_async(main())
+    loop.run(main())
 
 
 async def _closed_at_once(path: str) -> bool:
@@ -230,48 +210,48 @@ def test_the_same_message_under_the_limit_is_decoded() -> None:
 # -- the label set is bounded --------------------------------------------------------------------
 
 
-def test_ten_thousand_paths_and_job_ids_leave_the_series_unchanged() -> None:
+@pytest.mark.step_runner(relay=False)
+@pytest.mark.sidecar(jobs={"max_tracked": 1000})
+def test_ten_thousand_paths_and_job_ids_leave_the_series_unchanged(
+    loop: BackgroundLoop, sidecar: Sidecar
+) -> None:
     async def main() -> None:
-        async with (
-            simulated_step_runner(relay=False) as sim,
-            running_sidecar(sim.listen_address, jobs={"max_tracked": 1000}) as sidecar,
-        ):
-            before = await asyncio.to_thread(exported_series, sidecar)
-            limit = asyncio.Semaphore(64)
+        before = await asyncio.to_thread(exported_series, sidecar)
+        limit = asyncio.Semaphore(64)
 
-            async def one(channel: Any, i: int) -> None:
-                async with limit:
-                    if i % 2:
-                        call = channel.unary_unary(f"/evil{i}.Svc{i}/Method{i}")(b"x", timeout=30)
-                    else:
-                        request = step_pb2.StatusRequest(id=f'job-{i}"\n{{le="{i}"}}')
-                        call = channel.unary_unary(f"/{SERVICE}/Status")(
-                            request.SerializeToString(), timeout=30
-                        )
-                    with contextlib.suppress(grpc.aio.AioRpcError):
-                        await call
-                    codes[i % 2][await call.code()] += 1
+        async def one(channel: Any, i: int) -> None:
+            async with limit:
+                if i % 2:
+                    call = channel.unary_unary(f"/evil{i}.Svc{i}/Method{i}")(b"x", timeout=30)
+                else:
+                    request = step_pb2.StatusRequest(id=f'job-{i}"\n{{le="{i}"}}')
+                    call = channel.unary_unary(f"/{SERVICE}/Status")(
+                        request.SerializeToString(), timeout=30
+                    )
+                with contextlib.suppress(grpc.aio.AioRpcError):
+                    await call
+                codes[i % 2][await call.code()] += 1
 
-            codes: tuple[Counter[Any], Counter[Any]] = (Counter(), Counter())
-            async with grpc.aio.insecure_channel(target(sidecar)) as channel:
-                await asyncio.gather(*(one(channel, i) for i in range(10_000)))
-            assert codes == (
-                Counter({grpc.StatusCode.NOT_FOUND: 5000}),
-                Counter({grpc.StatusCode.UNIMPLEMENTED: 5000}),
-            )
-            handled = {
-                (labels["grpc_method"], labels["grpc_code"]): value
-                for labels, value in _samples(sidecar, "grpc_server_handled_total")
-                if value
-            }
-            assert handled == {("unknown", "Unimplemented"): 5000, ("Status", "NotFound"): 5000}
-            after = await asyncio.to_thread(exported_series, sidecar)
-            assert after == before
-            # 5,000 job ids, each failed NotFound once; the tracker stays bounded.
-            assert counted(sidecar)[0]["failed"] == 5000
-            assert sample(sidecar, "step_runner_exporter_tracked_jobs") <= 1000
+        codes: tuple[Counter[Any], Counter[Any]] = (Counter(), Counter())
+        async with grpc.aio.insecure_channel(target(sidecar)) as channel:
+            await asyncio.gather(*(one(channel, i) for i in range(10_000)))
+        assert codes == (
+            Counter({grpc.StatusCode.NOT_FOUND: 5000}),
+            Counter({grpc.StatusCode.UNIMPLEMENTED: 5000}),
+        )
+        handled = {
+            (labels["grpc_method"], labels["grpc_code"]): value
+            for labels, value in _samples(sidecar, "grpc_server_handled_total")
+            if value
+        }
+        assert handled == {("unknown", "Unimplemented"): 5000, ("Status", "NotFound"): 5000}
+        after = await asyncio.to_thread(exported_series, sidecar)
+        assert after == before
+        # 5,000 job ids, each failed NotFound once; the tracker stays bounded.
+        assert counted(sidecar)[0]["failed"] == 5000
+        assert sample(sidecar, "step_runner_exporter_tracked_jobs") <= 1000
 
-    run_async(main(), timeout=120)
+    loop.run(main(), timeout=120)
 
 
 def _samples(sidecar: Sidecar, name: str) -> list[tuple[dict[str, str], float]]:

@@ -5,13 +5,9 @@ HTTP API, and the headline numbers must equal the simulated Runner's own tally."
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
-import subprocess
-import sys
 import time
-import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,15 +15,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from exporter.simulator import SCENARIOS, Tally, run_jobs
 from monitoring import rules
 from monitoring.dashboards import DASHBOARDS
 from monitoring.settings import MIN_JOBS_PER_HOUR, UNKNOWN_FAILURE_RATIO, error_budget
 
-from .harness import short_tmpdir, simulated_step_runner_thread, stop_process
-from .prometheus import Prometheus, PrometheusError, free_port, poll, running_prometheus
+from .harness import simulated_step_runner_thread
+from .prometheus import Prometheus, PrometheusError, poll, running_prometheus
+from .sidecar import running_sidecar_process
 
 pytestmark = pytest.mark.integration
 
@@ -42,48 +38,6 @@ MIX = {name: 1.0 for name in SCENARIOS}
 RATE_INTERVAL = "1m"
 RANGE = "1h"  # longer than the test: the range starts before the first scrape
 CATEGORIES = ("infrastructure", "script", "unknown")
-
-
-@contextlib.contextmanager
-def sidecar_process(upstream: str, directory: str) -> Iterator[tuple[str, str]]:
-    """`step-runner-exporter serve` in front of `upstream`: (gRPC target, web host:port)."""
-    web = f"127.0.0.1:{free_port()}"
-    config = Path(directory) / "exporter.yml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "listen": f"unix://{directory}/sidecar.sock",
-                "upstream": upstream,
-                "web": {"listen_address": web},
-                "labels": {"runner": RUNNER},
-                "shutdown": {"grace_period": 0, "final_scrape_wait": 0},
-            }
-        )
-    )
-    log = Path(directory) / "exporter.log"
-    command = Path(sys.executable).with_name("step-runner-exporter")
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [str(command), "serve", "--config.file", str(config)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
-    try:
-        poll(lambda: _ready(process, web, log), 20, "the sidecar's /-/ready")
-        yield f"unix://{directory}/sidecar.sock", web
-    finally:
-        stop_process(process)
-
-
-def _ready(process: subprocess.Popen[bytes], web: str, log: Path) -> bool | None:
-    if process.poll() is not None:
-        raise AssertionError(f"sidecar exited {process.returncode}:\n{log.read_text()}")
-    try:
-        with urllib.request.urlopen(f"http://{web}/-/ready", timeout=2) as response:
-            return True if response.status == 200 else None
-    except OSError:
-        return None
 
 
 def grafana_regex(value: str) -> str:
@@ -120,16 +74,17 @@ class Run:
 @pytest.fixture(scope="module")
 def run() -> Iterator[Run]:
     with (
-        short_tmpdir("srx-e2e-") as directory,
         simulated_step_runner_thread() as (sim, loop),
-        sidecar_process(sim.listen_address, directory) as (target, web),
-        running_prometheus([web], [RULE_FILE]) as prom,
+        running_sidecar_process(sim.listen_address, labels={"runner": RUNNER}) as sidecar,
+        running_prometheus([sidecar.web], [RULE_FILE]) as prom,
     ):
         # Prometheus sees every counter at 0 before the first job, so increase() over a
         # range that starts earlier is exact.
         prom.wait_scraped(2)
         started = time.time()
-        tally = loop.run(run_jobs(target, JOBS, concurrency=8, mix=MIX, seed=3), timeout=120)
+        tally = loop.run(
+            run_jobs(sidecar.listen, JOBS, concurrency=8, mix=MIX, seed=3), timeout=120
+        )
         assert not tally.mismatches, [job.problems() for job in tally.mismatches]
         total = len(tally.jobs)
         poll(
@@ -137,7 +92,7 @@ def run() -> Iterator[Run]:
             30,
             f"Prometheus to scrape all {total} jobs",
         )
-        yield Run(prom, tally, web, prom.last_scrape(), started)
+        yield Run(prom, tally, sidecar.web, prom.last_scrape(), started)
 
 
 def test_raw_counters_equal_the_tally(run: Run) -> None:

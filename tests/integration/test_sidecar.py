@@ -14,13 +14,22 @@ import pytest
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_om
 from prometheus_client.parser import text_string_to_metric_families
 
+from exporter.app import Sidecar
 from exporter.classifier import GRPC_INTERNAL, UNKNOWN_FAILURE
 from exporter.proto import step_pb2
-from exporter.simulator import SCENARIOS, run_job, run_jobs
+from exporter.simulator import SCENARIOS, SimulatedStepRunner, run_job, run_jobs
 from exporter.simulator.client import CallResult
 from exporter.splice import ListenError, bind_unix_socket
 
-from .harness import async_wait_until, grpc_call, run_async, short_tmpdir, simulated_step_runner
+from .harness import (
+    BackgroundLoop,
+    async_wait_until,
+    grpc_call,
+    run_async,
+    scripted_step_runner,
+    short_tmpdir,
+    simulated_step_runner,
+)
 from .sidecar import counted, expected, http_get, running_sidecar, sample, target, web_url
 
 pytestmark = pytest.mark.integration
@@ -52,17 +61,16 @@ def _comparable(call: CallResult) -> tuple[object, ...]:
     )
 
 
+@pytest.mark.step_runner(relay=True)
 @pytest.mark.parametrize("scenario", sorted(SCENARIOS))
-def test_every_scenario_looks_the_same_through_the_sidecar(scenario: str) -> None:
+def test_every_scenario_looks_the_same_through_the_sidecar(
+    loop: BackgroundLoop, sidecar: Sidecar, scenario: str
+) -> None:
     """Codes, details, response bytes, headers and trailers (grpc-status-details-bin
     included) are identical to a direct connection, and the job is counted per SPEC."""
 
     async def main() -> None:
-        async with (
-            simulated_step_runner(relay=True) as direct_sim,
-            simulated_step_runner(relay=True) as proxied_sim,
-            running_sidecar(proxied_sim.listen_address) as sidecar,
-        ):
+        async with simulated_step_runner(relay=True) as direct_sim:
             job_id = f"{scenario}-1"
             direct = await run_job(
                 direct_sim.address, scenario, job_id, log_bytes=70_000, log_chunk=3000
@@ -89,115 +97,99 @@ def test_every_scenario_looks_the_same_through_the_sidecar(scenario: str) -> Non
                 assert results[want.result] == 1
             assert dict(failures) == ({tuple(want.failure): 1} if want.failure else {})
 
-    run_async(main(), timeout=30)
+    loop.run(main(), timeout=30)
 
 
-def test_details_and_trailing_metadata_pass_unchanged() -> None:
+def test_details_and_trailing_metadata_pass_unchanged(
+    loop: BackgroundLoop, sidecar: Sidecar
+) -> None:
     async def main() -> None:
-        async with simulated_step_runner() as sim, running_sidecar(sim.listen_address) as sidecar:
-            record = await run_job(target(sidecar), "details", "d-1")
-            status = next(c for c in record.calls if c.method == "Status")
-            keys = [k for k, _ in status.trailing_metadata]
-            assert "grpc-status-details-bin" in keys
-            assert status.code == "FailedPrecondition"
-            assert status.details
+        record = await run_job(target(sidecar), "details", "d-1")
+        status = next(c for c in record.calls if c.method == "Status")
+        keys = [k for k, _ in status.trailing_metadata]
+        assert "grpc-status-details-bin" in keys
+        assert status.code == "FailedPrecondition"
+        assert status.details
 
-    run_async(main())
+    loop.run(main())
 
 
-def test_a_thousand_jobs_counted_exactly() -> None:
+@pytest.mark.step_runner(relay=True)
+def test_a_thousand_jobs_counted_exactly(loop: BackgroundLoop, sidecar: Sidecar) -> None:
     async def main() -> None:
-        async with (
-            simulated_step_runner(relay=True) as sim,
-            running_sidecar(sim.listen_address) as sidecar,
-        ):
-            tally = await run_jobs(target(sidecar), 1000, concurrency=16, seed=7)
-            assert tally.mismatches == []
-            assert len(tally.scenarios) >= 15, "the mix must cover most rows of the table"
-            await async_wait_until(
-                lambda: counted(sidecar) == expected(tally), within=10, what="counters to settle"
-            )
-            calls = sum(tally.codes.values())
-            started = sum(
-                s.value
-                for m in sidecar.registry.collect()
-                for s in m.samples
-                if s.name == "grpc_server_started_total"
-            )
-            handled = sum(
-                s.value
-                for m in sidecar.registry.collect()
-                for s in m.samples
-                if s.name == "grpc_server_handled_total"
-            )
-            assert started == handled == calls
-            assert sample(sidecar, "step_runner_exporter_decode_errors_total", message="http2") == 0
-            durations = sum(len(v) for v in tally.durations.values())
-            histogram_count = sum(
-                sample(sidecar, "step_runner_job_duration_seconds_count", result=r)
-                for r in ("success", "failed", "cancelled")
-            )
-            assert histogram_count == durations
+        tally = await run_jobs(target(sidecar), 1000, concurrency=16, seed=7)
+        assert tally.mismatches == []
+        assert len(tally.scenarios) >= 15, "the mix must cover most rows of the table"
+        await async_wait_until(
+            lambda: counted(sidecar) == expected(tally), within=10, what="counters to settle"
+        )
+        calls = sum(tally.codes.values())
+        started = sum(
+            s.value
+            for m in sidecar.registry.collect()
+            for s in m.samples
+            if s.name == "grpc_server_started_total"
+        )
+        handled = sum(
+            s.value
+            for m in sidecar.registry.collect()
+            for s in m.samples
+            if s.name == "grpc_server_handled_total"
+        )
+        assert started == handled == calls
+        assert sample(sidecar, "step_runner_exporter_decode_errors_total", message="http2") == 0
+        durations = sum(len(v) for v in tally.durations.values())
+        histogram_count = sum(
+            sample(sidecar, "step_runner_job_duration_seconds_count", result=r)
+            for r in ("success", "failed", "cancelled")
+        )
+        assert histogram_count == durations
 
-    run_async(main(), timeout=120)
+    loop.run(main(), timeout=120)
 
 
 def test_client_deadline_reaches_the_upstream() -> None:
     seen: list[float | None] = []
 
+    async def status(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        seen.append(context.time_remaining())
+        await asyncio.Event().wait()  # never answers: the deadline cancels it
+        return b""
+
     async def main() -> None:
-        server = grpc.aio.server()
+        async with (
+            scripted_step_runner({"Status": status}) as upstream,
+            running_sidecar(upstream) as sidecar,
+        ):
+            request = step_pb2.StatusRequest(id="dl-1")
+            started = time.monotonic()
+            result = await grpc_call(target(sidecar), "Status", request, deadline=1.0)
+            assert result.code == "DeadlineExceeded"
+            assert time.monotonic() - started >= 0.95  # not cut early
+            # The upstream got the client's deadline (grpc-timeout rounds up to its
+            # units, so a hair over 1 s is fine; none would be None).
+            assert seen and seen[0] is not None and 0 < seen[0] <= 1.05
+            failure = ("script_failure", "grpc_status", "DeadlineExceeded", "infrastructure")
+            await async_wait_until(lambda: counted(sidecar)[1] == {failure: 1})
 
-        async def status(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-            seen.append(context.time_remaining())
-            await asyncio.sleep(3600)  # until the deadline cancels us
-            return b""
+    run_async(main())
 
-        handler = grpc.method_handlers_generic_handler(
-            "proto.StepRunner",
-            {"Status": grpc.unary_unary_rpc_method_handler(status)},
+
+def test_client_cancel_cancels_the_upstream_call(
+    loop: BackgroundLoop, step_runner: SimulatedStepRunner, sidecar: Sidecar
+) -> None:
+    async def main() -> None:
+        record = await run_job(
+            target(sidecar), "client_cancel", "cc-1", log_bytes=1 << 20, log_chunk=1024
         )
-        server.add_generic_rpc_handlers((handler,))
-        with short_tmpdir() as d:
-            server.add_insecure_port(f"unix://{d}/up.sock")
-            await server.start()
-            try:
-                async with running_sidecar(f"unix://{d}/up.sock") as sidecar:
-                    request = step_pb2.StatusRequest(id="dl-1")
-                    started = time.monotonic()
-                    result = await grpc_call(target(sidecar), "Status", request, deadline=0.5)
-                    elapsed = time.monotonic() - started
-                    assert result.code == "DeadlineExceeded"
-                    assert 0.45 <= elapsed < 2.0
-                    # The upstream got the client's deadline (grpc-timeout rounds up
-                    # to its units, so a hair over 0.5 s is fine; none would be None).
-                    assert seen and seen[0] is not None and 0.2 < seen[0] <= 0.55
-                    failure = (
-                        "script_failure",
-                        "grpc_status",
-                        "DeadlineExceeded",
-                        "infrastructure",
-                    )
-                    await async_wait_until(lambda: counted(sidecar)[1] == {failure: 1})
-            finally:
-                await server.stop(None)
+        assert record.problems() == []
+        await async_wait_until(
+            lambda: step_runner.stats.cancelled["FollowLogs"] == 1,
+            what="upstream FollowLogs cancelled",
+        )
+        await async_wait_until(lambda: counted(sidecar)[0]["cancelled"] == 1)
 
-    run_async(main())
-
-
-def test_client_cancel_cancels_the_upstream_call() -> None:
-    async def main() -> None:
-        async with simulated_step_runner() as sim, running_sidecar(sim.listen_address) as sidecar:
-            record = await run_job(
-                target(sidecar), "client_cancel", "cc-1", log_bytes=1 << 20, log_chunk=1024
-            )
-            assert record.problems() == []
-            await async_wait_until(
-                lambda: sim.stats.cancelled["FollowLogs"] == 1, what="upstream FollowLogs cancelled"
-            )
-            await async_wait_until(lambda: counted(sidecar)[0]["cancelled"] == 1)
-
-    run_async(main())
+    loop.run(main())
 
 
 def test_upstream_down_gives_unavailable_like_a_failed_dial() -> None:
@@ -218,77 +210,76 @@ def test_upstream_down_gives_unavailable_like_a_failed_dial() -> None:
     run_async(main())
 
 
-def test_upstream_up_follows_step_runner() -> None:
+def test_upstream_up_follows_step_runner(
+    loop: BackgroundLoop, step_runner: SimulatedStepRunner, sidecar: Sidecar
+) -> None:
     async def main() -> None:
-        async with simulated_step_runner() as sim, running_sidecar(sim.listen_address) as sidecar:
-            assert sample(sidecar, "step_runner_exporter_upstream_up") == 1
-            await sim.stop()
-            record = await run_job(target(sidecar), "success", "restart-1")
-            assert record.calls[0].code == "Unavailable"
-            assert sample(sidecar, "step_runner_exporter_upstream_up") == 0
-            await sim.start()
-            record = await run_job(target(sidecar), "success", "restart-2")
-            assert record.problems() == []
-            assert sample(sidecar, "step_runner_exporter_upstream_up") == 1
+        assert sample(sidecar, "step_runner_exporter_upstream_up") == 1
+        await step_runner.stop()
+        record = await run_job(target(sidecar), "success", "restart-1")
+        assert record.calls[0].code == "Unavailable"
+        assert sample(sidecar, "step_runner_exporter_upstream_up") == 0
+        await step_runner.start()
+        record = await run_job(target(sidecar), "success", "restart-2")
+        assert record.problems() == []
+        assert sample(sidecar, "step_runner_exporter_upstream_up") == 1
 
-    run_async(main())
+    loop.run(main())
 
 
-def test_metrics_endpoint_over_http() -> None:
+@pytest.mark.sidecar(labels={"runner": "r-1"})
+def test_metrics_endpoint_over_http(loop: BackgroundLoop, sidecar: Sidecar) -> None:
     async def main() -> None:
-        async with (
-            simulated_step_runner() as sim,
-            running_sidecar(sim.listen_address, labels={"runner": "r-1"}) as sidecar,
-        ):
-            await run_job(target(sidecar), "panic_run", "http-1")
-            await async_wait_until(lambda: counted(sidecar)[0]["failed"] == 1)
-            status, ctype, body = await asyncio.to_thread(http_get, web_url(sidecar))
-            assert status == 200 and ctype.startswith("text/plain")
-            families = {f.name: f for f in text_string_to_metric_families(body.decode())}
-            jobs = families["step_runner_jobs"]
-            failed = [s for s in jobs.samples if s.labels.get("result") == "failed"]
-            assert [(s.value, s.labels["runner"]) for s in failed] == [(1.0, "r-1")]
-            assert "grpc_server_handled" in families
+        await run_job(target(sidecar), "panic_run", "http-1")
+        await async_wait_until(lambda: counted(sidecar)[0]["failed"] == 1)
+        status, ctype, body = await asyncio.to_thread(http_get, web_url(sidecar))
+        assert status == 200 and ctype.startswith("text/plain")
+        families = {f.name: f for f in text_string_to_metric_families(body.decode())}
+        jobs = families["step_runner_jobs"]
+        failed = [s for s in jobs.samples if s.labels.get("result") == "failed"]
+        assert [(s.value, s.labels["runner"]) for s in failed] == [(1.0, "r-1")]
+        assert "grpc_server_handled" in families
 
-            status, ctype, body = await asyncio.to_thread(
-                http_get, web_url(sidecar), "application/openmetrics-text; version=1.0.0"
-            )
-            assert status == 200 and ctype.startswith("application/openmetrics-text")
-            om = {f.name: f for f in parse_om(body.decode())}
-            exemplars = [
-                s.exemplar for s in om["step_runner_job_failures"].samples if s.exemplar is not None
-            ]
-            assert [e.labels for e in exemplars] == [{"job_id": "http-1"}]
-            labels = {
-                s.labels["kind"]
-                for s in om["step_runner_job_failures"].samples
-                if s.name.endswith("_total") and s.value
-            }
-            assert labels == {GRPC_INTERNAL.kind}
+        status, ctype, body = await asyncio.to_thread(
+            http_get, web_url(sidecar), "application/openmetrics-text; version=1.0.0"
+        )
+        assert status == 200 and ctype.startswith("application/openmetrics-text")
+        om = {f.name: f for f in parse_om(body.decode())}
+        exemplars = [
+            s.exemplar for s in om["step_runner_job_failures"].samples if s.exemplar is not None
+        ]
+        assert [e.labels for e in exemplars] == [{"job_id": "http-1"}]
+        labels = {
+            s.labels["kind"]
+            for s in om["step_runner_job_failures"].samples
+            if s.name.endswith("_total") and s.value
+        }
+        assert labels == {GRPC_INTERNAL.kind}
 
-            assert (await asyncio.to_thread(http_get, web_url(sidecar, "/-/healthy")))[0] == 200
-            assert (await asyncio.to_thread(http_get, web_url(sidecar, "/-/ready")))[0] == 200
-            assert (await asyncio.to_thread(http_get, web_url(sidecar, "/nope")))[0] == 404
-            sidecar._stopping = True  # as during shutdown: no longer ready, still healthy
-            assert (await asyncio.to_thread(http_get, web_url(sidecar, "/-/ready")))[0] == 503
-            assert (await asyncio.to_thread(http_get, web_url(sidecar, "/-/healthy")))[0] == 200
+        assert (await asyncio.to_thread(http_get, web_url(sidecar, "/-/healthy")))[0] == 200
+        assert (await asyncio.to_thread(http_get, web_url(sidecar, "/-/ready")))[0] == 200
+        assert (await asyncio.to_thread(http_get, web_url(sidecar, "/nope")))[0] == 404
+        sidecar._stopping = True  # as during shutdown: no longer ready, still healthy
+        assert (await asyncio.to_thread(http_get, web_url(sidecar, "/-/ready")))[0] == 503
+        assert (await asyncio.to_thread(http_get, web_url(sidecar, "/-/healthy")))[0] == 200
 
-    run_async(main())
+    loop.run(main())
 
 
-def test_running_then_close_is_unknown_failure_through_the_sidecar() -> None:
+def test_running_then_close_is_unknown_failure_through_the_sidecar(
+    loop: BackgroundLoop, sidecar: Sidecar
+) -> None:
     async def main() -> None:
-        async with simulated_step_runner() as sim, running_sidecar(sim.listen_address) as sidecar:
-            await run_job(target(sidecar), "running_then_close", "rc-1")
-            labels = (
-                UNKNOWN_FAILURE.failure_reason,
-                UNKNOWN_FAILURE.source,
-                UNKNOWN_FAILURE.kind,
-                UNKNOWN_FAILURE.category,
-            )
-            await async_wait_until(lambda: counted(sidecar)[1] == {labels: 1})
+        await run_job(target(sidecar), "running_then_close", "rc-1")
+        labels = (
+            UNKNOWN_FAILURE.failure_reason,
+            UNKNOWN_FAILURE.source,
+            UNKNOWN_FAILURE.kind,
+            UNKNOWN_FAILURE.category,
+        )
+        await async_wait_until(lambda: counted(sidecar)[1] == {labels: 1})
 
-    run_async(main())
+    loop.run(main())
 
 
 _SCRAMBLE = bytes(b ^ 0x5A for b in range(256))

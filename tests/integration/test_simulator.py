@@ -26,6 +26,7 @@ from exporter.simulator.scenarios import (
 from exporter.simulator.server import DETAILS_TRAILERS
 
 from .harness import (
+    BackgroundLoop,
     Transport,
     async_wait_until,
     grpc_call,
@@ -98,29 +99,30 @@ def test_expectations_agree_with_the_classifier(name: str) -> None:
     assert labels == expected.failure
 
 
-def test_two_hundred_jobs_default_mix() -> None:
+def test_two_hundred_jobs_default_mix(
+    loop: BackgroundLoop, step_runner: SimulatedStepRunner
+) -> None:
     async def scenario() -> None:
-        async with simulated_step_runner() as sim:
-            tally = await run_jobs(sim.address, 200, concurrency=16, seed=7)
-            assert tally.mismatches == []
-            assert len(tally.jobs) == 200
-            assert sum(tally.results.values()) == 200
-            assert tally.results["failed"] == sum(tally.failures.values())
-            assert tally.results["success"] > 100
-            assert len(tally.scenarios) >= 8
-            ids = [job.job_id for job in tally.jobs]
-            assert len(set(ids)) == 200
-            assert any(job_id.endswith("-run") for job_id in ids)
-            decided_by_status = sum(job.scenario.decided_by_status for job in tally.jobs)
-            assert sum(len(d) for d in tally.durations.values()) == decided_by_status
-            # The server saw every call the client made, except the Runs the relay cut.
-            sent = Counter(label.partition(":")[0] for label in tally.codes.elements())
-            sent["Run"] -= tally.scenarios["connection_drop"]
-            assert sim.stats.calls == sent
-            assert sim.drops == tally.scenarios["connection_drop"]
-            assert sim.jobs == {}
+        tally = await run_jobs(step_runner.address, 200, concurrency=16, seed=7)
+        assert tally.mismatches == []
+        assert len(tally.jobs) == 200
+        assert sum(tally.results.values()) == 200
+        assert tally.results["failed"] == sum(tally.failures.values())
+        assert tally.results["success"] > 100
+        assert len(tally.scenarios) >= 8
+        ids = [job.job_id for job in tally.jobs]
+        assert len(set(ids)) == 200
+        assert any(job_id.endswith("-run") for job_id in ids)
+        decided_by_status = sum(job.scenario.decided_by_status for job in tally.jobs)
+        assert sum(len(d) for d in tally.durations.values()) == decided_by_status
+        # The server saw every call the client made, except the Runs the relay cut.
+        sent = Counter(label.partition(":")[0] for label in tally.codes.elements())
+        sent["Run"] -= tally.scenarios["connection_drop"]
+        assert step_runner.stats.calls == sent
+        assert step_runner.drops == tally.scenarios["connection_drop"]
+        assert step_runner.jobs == {}
 
-    run_async(scenario(), timeout=30)
+    loop.run(scenario(), timeout=30)
 
 
 def test_connection_drop_is_unavailable_and_only_for_that_job() -> None:
@@ -143,22 +145,27 @@ def test_connection_drop_is_unavailable_and_only_for_that_job() -> None:
     run_async(scenario())
 
 
-def test_hang_ends_deadline_exceeded_and_the_server_sees_the_cancel() -> None:
+def test_hang_ends_deadline_exceeded_and_the_server_sees_the_cancel(
+    loop: BackgroundLoop, step_runner: SimulatedStepRunner
+) -> None:
     async def scenario() -> None:
-        async with simulated_step_runner() as sim:
-            run = await grpc_call(sim.address, "Run", run_request("hang-1", _env("hang_status")))
-            assert run.ok
-            status = await grpc_call(
-                sim.address, "Status", step_pb2.StatusRequest(id="hang-1"), deadline=0.1
-            )
-            assert status.code == "DeadlineExceeded"
-            await async_wait_until(lambda: sim.stats.cancelled["Status"] == 1, what="cancel")
+        run = await grpc_call(
+            step_runner.address, "Run", run_request("hang-1", _env("hang_status"))
+        )
+        assert run.ok
+        status = await grpc_call(
+            step_runner.address, "Status", step_pb2.StatusRequest(id="hang-1"), deadline=0.1
+        )
+        assert status.code == "DeadlineExceeded"
+        await async_wait_until(lambda: step_runner.stats.cancelled["Status"] == 1, what="cancel")
 
-            record = await run_job(sim.address, "client_cancel", "hang-2")
-            assert record.log == log_content(4096)
-            await async_wait_until(lambda: sim.stats.cancelled["FollowLogs"] == 1, what="cancel")
+        record = await run_job(step_runner.address, "client_cancel", "hang-2")
+        assert record.log == log_content(4096)
+        await async_wait_until(
+            lambda: step_runner.stats.cancelled["FollowLogs"] == 1, what="cancel"
+        )
 
-    run_async(scenario())
+    loop.run(scenario())
 
 
 def _env(name: str, **overrides: int) -> dict[str, str]:
@@ -211,56 +218,62 @@ def test_metadata_echo_and_error_details_in_trailers() -> None:
     run_async(scenario())
 
 
-def test_log_is_byte_exact_at_any_size_chunk_and_offset() -> None:
+def test_log_is_byte_exact_at_any_size_chunk_and_offset(
+    loop: BackgroundLoop, step_runner: SimulatedStepRunner
+) -> None:
     size, chunk = 1024 * 1024 + 13, 4096
 
     async def scenario() -> None:
-        async with simulated_step_runner() as sim:
-            record = await run_job(sim.address, "stream", "log-1", log_bytes=size, log_chunk=chunk)
-            assert record.problems() == []
-            assert bytes(record.log) == log_content(size)
-            assert record.log_messages == math.ceil(size / chunk)
+        record = await run_job(
+            step_runner.address, "stream", "log-1", log_bytes=size, log_chunk=chunk
+        )
+        assert record.problems() == []
+        assert bytes(record.log) == log_content(size)
+        assert record.log_messages == math.ceil(size / chunk)
 
-            env = _env("stream", log_bytes=1000, log_chunk=300)
-            assert (await grpc_call(sim.address, "Run", run_request("log-2", env))).ok
-            follow = await grpc_call(
-                sim.address, "FollowLogs", step_pb2.FollowLogsRequest(id="log-2", offset=100)
-            )
-            data = b"".join(
-                step_pb2.FollowLogsResponse.FromString(r).data for r in follow.responses
-            )
-            assert data == log_content(1000)[100:]
-            assert len(follow.responses) == 3
+        env = _env("stream", log_bytes=1000, log_chunk=300)
+        assert (await grpc_call(step_runner.address, "Run", run_request("log-2", env))).ok
+        follow = await grpc_call(
+            step_runner.address, "FollowLogs", step_pb2.FollowLogsRequest(id="log-2", offset=100)
+        )
+        data = b"".join(step_pb2.FollowLogsResponse.FromString(r).data for r in follow.responses)
+        assert data == log_content(1000)[100:]
+        assert len(follow.responses) == 3
 
-            empty = await run_job(sim.address, "stream", "log-3", log_bytes=0)
-            assert empty.problems() == []
-            assert empty.log_messages == 0
+        empty = await run_job(step_runner.address, "stream", "log-3", log_bytes=0)
+        assert empty.problems() == []
+        assert empty.log_messages == 0
 
-    run_async(scenario())
+    loop.run(scenario())
 
 
-def test_list_all_status_and_bad_requests() -> None:
+def test_list_all_status_and_bad_requests(
+    loop: BackgroundLoop, step_runner: SimulatedStepRunner
+) -> None:
     async def scenario() -> None:
-        async with simulated_step_runner() as sim:
-            for job_id, name in (("la-1", "success"), ("la-2", "step_failure")):
-                assert (await grpc_call(sim.address, "Run", run_request(job_id, _env(name)))).ok
-            listing = await grpc_call(sim.address, "Status", step_pb2.StatusRequest())
-            jobs = step_pb2.StatusResponse.FromString(listing.responses[0]).jobs
-            assert {(j.id, j.status) for j in jobs} == {
-                ("la-1", step_pb2.StepResult.success),
-                ("la-2", step_pb2.StepResult.failure),
-            }
-            duplicate = await grpc_call(sim.address, "Run", run_request("la-1", _env("success")))
-            assert duplicate.code == "AlreadyExists"
-            bogus = run_request("la-3", {"SCENARIO": "no-such-scenario"})
-            assert (await grpc_call(sim.address, "Run", bogus)).code == "InvalidArgument"
-            missing = await grpc_call(sim.address, "Status", step_pb2.StatusRequest(id="la-9"))
-            assert missing.code == "NotFound"
+        for job_id, name in (("la-1", "success"), ("la-2", "step_failure")):
+            assert (await grpc_call(step_runner.address, "Run", run_request(job_id, _env(name)))).ok
+        listing = await grpc_call(step_runner.address, "Status", step_pb2.StatusRequest())
+        jobs = step_pb2.StatusResponse.FromString(listing.responses[0]).jobs
+        assert {(j.id, j.status) for j in jobs} == {
+            ("la-1", step_pb2.StepResult.success),
+            ("la-2", step_pb2.StepResult.failure),
+        }
+        duplicate = await grpc_call(
+            step_runner.address, "Run", run_request("la-1", _env("success"))
+        )
+        assert duplicate.code == "AlreadyExists"
+        bogus = run_request("la-3", {"SCENARIO": "no-such-scenario"})
+        assert (await grpc_call(step_runner.address, "Run", bogus)).code == "InvalidArgument"
+        missing = await grpc_call(step_runner.address, "Status", step_pb2.StatusRequest(id="la-9"))
+        assert missing.code == "NotFound"
 
-    run_async(scenario())
+    loop.run(scenario())
 
 
-def test_run_forever_stops_when_told() -> None:
+def test_run_forever_stops_when_told(
+    loop: BackgroundLoop, step_runner: SimulatedStepRunner
+) -> None:
     async def scenario() -> None:
         stop = asyncio.Event()
 
@@ -270,9 +283,8 @@ def test_run_forever_stops_when_told() -> None:
             tally_seen.append(1)
 
         tally_seen: list[int] = []
-        async with simulated_step_runner() as sim:
-            tally = await run_forever(sim.address, stop, concurrency=4, on_job=on_job)
+        tally = await run_forever(step_runner.address, stop, concurrency=4, on_job=on_job)
         assert len(tally.jobs) == len(tally_seen) >= 20
         assert tally.mismatches == []
 
-    run_async(scenario())
+    loop.run(scenario())

@@ -13,9 +13,6 @@ import os
 import socket
 import ssl
 import stat
-import subprocess
-import sys
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,12 +29,11 @@ from exporter.app import Sidecar
 from exporter.config import ConfigError, parse_config
 from exporter.splice import ListenError
 
-from .harness import run_async, short_tmpdir, simulated_step_runner, wait_until
-from .prometheus import free_port
+from .harness import run_async, short_tmpdir, simulated_step_runner
+from .sidecar import ServeProcess, serve_argv, serve_process, sidecar_config
 
 pytestmark = pytest.mark.integration
 
-COMMAND = str(Path(sys.executable).with_name("step-runner-exporter"))
 USER = "prometheus"
 PASSWORD = "correct horse battery staple"
 
@@ -127,8 +123,7 @@ class Secured:
     port: int
     pki: Pki
     hashed: str
-    proc: subprocess.Popen[str]
-    stderr: list[str]
+    process: ServeProcess
 
     def context(self, identity: Identity | None) -> ssl.SSLContext:
         context = ssl.create_default_context(cafile=self.pki.server_ca.cert)
@@ -176,49 +171,18 @@ def secured() -> Iterator[Secured]:
             f"  {USER}: {hashed}\n"
             "  other: $2b$04$" + "a" * 53 + "\n"
         )
-        port = free_port()
         config = directory / "config.yml"
         config.write_text(
             f"listen: unix://{d}/sidecar.sock\n"
             f"upstream: unix://{d}/step-runner.sock\n"
             "shutdown: {grace_period: 0s, final_scrape_wait: 0s}\n"
         )
-        proc = subprocess.Popen(
-            [
-                COMMAND, "serve",
-                "--config.file", str(config),
-                "--web.listen-address", f"127.0.0.1:{port}",
-                "--web.config.file", str(web_config),
-                "--log.level", "debug",
-            ],
-            stderr=subprocess.PIPE,
-            text=True,
-        )  # fmt: skip
-        lines: list[str] = []
-        assert proc.stderr is not None
-        stream = proc.stderr
-        reader = threading.Thread(target=lambda: lines.extend(stream), daemon=True)
-        reader.start()
-        server = Secured(port, pki, hashed, proc, lines)
-        try:
-            wait_until(lambda: _answers(server), what="the TLS endpoint")
-            yield server
-        finally:
-            proc.terminate()
-            proc.wait(15)
-            reader.join(5)
-
-
-def _answers(server: Secured) -> bool:
-    if server.proc.poll() is not None:
-        raise AssertionError("".join(server.stderr))
-    try:
-        status = server.get(
-            "/-/healthy", identity=server.pki.client, authorization=basic(USER, PASSWORD)
-        )[0]
-    except OSError:
-        return False
-    return status == 200
+        argv = serve_argv(
+            "--web.config.file", str(web_config), "--log.level", "debug", config=config
+        )
+        with serve_process(argv) as process:
+            port = int(process.web.rpartition(":")[2])
+            yield Secured(port, pki, hashed, process)
 
 
 def test_client_certificate_and_password_get_the_metrics(secured: Secured) -> None:
@@ -289,7 +253,7 @@ def test_no_password_or_hash_is_ever_logged(secured: Secured) -> None:
         secured.get(identity=secured.pki.client, authorization=authorization)
     with pytest.raises((ssl.SSLError, ConnectionError)):
         secured.get(identity=None, authorization=basic(USER, PASSWORD))
-    logged = "".join(secured.stderr)
+    logged = secured.process.log.text()
     assert "listening" in logged  # the log is there, and at debug level
     for secret in (
         PASSWORD,
@@ -306,12 +270,7 @@ def test_no_password_or_hash_is_ever_logged(secured: Secured) -> None:
 
 
 def _sidecar(directory: str, upstream: str, **config: object) -> Sidecar:
-    raw: dict[str, object] = {
-        "listen": f"unix://{directory}/sidecar.sock",
-        "upstream": upstream,
-        "web": {"listen_address": "127.0.0.1:0"},
-    }
-    raw.update(config)
+    raw = sidecar_config(directory, upstream, **config)
     return Sidecar(parse_config(raw, source="<test>"), web=False, process_metrics=False)
 
 

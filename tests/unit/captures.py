@@ -1,5 +1,5 @@
-"""Test helpers: the .h2cap reader (format in /work/shared/captures/README.md), the
-manifest, a recording ObserverSink and ways to replay a capture into an observer."""
+"""Test helpers: the .h2cap reader (format in tests/captures/README.md), the manifest,
+a recording ObserverSink and ways to replay a capture into an observer."""
 
 from __future__ import annotations
 
@@ -15,7 +15,9 @@ from typing import Any
 from exporter.events import CallEnded, Method
 from exporter.observer import ConnectionObserver
 
-CAPTURES = Path(__file__).resolve().parents[2].parent / "shared" / "captures"
+# The repository's copy of the recorded corpus: a test that needs it fails when it is
+# missing, never skips, so a fresh clone runs exactly the tests CI runs.
+CAPTURES = Path(__file__).resolve().parents[1] / "captures"
 
 CLIENT, SERVER, CLOSED = 0, 1, 2
 _RECORD = struct.Struct(">BQI")
@@ -41,6 +43,14 @@ def read_h2cap(path: Path) -> list[Record]:
     if pos != len(raw):
         raise ValueError(f"{path}: truncated record")
     return records
+
+
+def capture_files() -> list[Path]:
+    """Every recorded connection, by name; an empty corpus is an error, not a pass."""
+    paths = sorted(CAPTURES.glob("*.h2cap"))
+    if not paths:
+        raise FileNotFoundError(f"no .h2cap files in {CAPTURES}")
+    return paths
 
 
 def load_manifest() -> dict[str, Any]:

@@ -22,9 +22,7 @@ from exporter.hpack_cache import BlockCache, CachedDecoder, _Read, memoize_huffm
 from exporter.metrics import HPACK_BLOCK_CACHE, Metrics
 from exporter.observer import ConnectionObserver
 
-from .captures import CAPTURES, Record, RecordingSink, read_h2cap, replay
-
-CAPTURE_FILES = sorted(CAPTURES.glob("*.h2cap"))
+from .captures import Record, RecordingSink, capture_files, read_h2cap, replay
 
 
 def observed(records: Any, memos: tuple[BlockCache, BlockCache] | None) -> tuple[Any, ...]:
@@ -41,13 +39,12 @@ def observed(records: Any, memos: tuple[BlockCache, BlockCache] | None) -> tuple
     )
 
 
-@pytest.mark.skipif(not CAPTURE_FILES, reason=f"no recorded captures at {CAPTURES}")
 def test_captures_observe_the_same_with_and_without_the_cache() -> None:
     memos = (
         BlockCache(max_header_list_size=MAX_HEADER_BLOCK),
         BlockCache(max_header_list_size=MAX_HEADER_BLOCK),
     )
-    corpus = [(path.name, read_h2cap(path)) for path in CAPTURE_FILES]
+    corpus = [(path.name, read_h2cap(path)) for path in capture_files()]
     # Blocks are kept when seen the second time: the third pass only hits.
     for attempt in range(3):
         misses = [memo.misses for memo in memos]
