@@ -68,10 +68,10 @@ class _Side(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
 
     def pause_writing(self) -> None:
-        self._pair.peer_of(self).pause_reading()
+        self._pair.writing_paused(self, True)
 
     def resume_writing(self) -> None:
-        self._pair.peer_of(self).resume_reading()
+        self._pair.writing_paused(self, False)
 
     def eof_received(self) -> bool:
         return self._pair.eof_from(self)
@@ -110,15 +110,47 @@ class _Pair:
         self._tap: Tap | None = splice.tap_factory()
         self._pending: list[bytes] | None = []  # client bytes read before upstream connected
         self._pending_size = 0
+        # Two reasons to stop reading from the client, each cleared on its own: the
+        # connect buffer is full, or the upstream socket is (asyncio says so once).
+        self._pending_full = False
+        self._upstream_full = False
         self._client_eof_pending = False
         self._eofs = 0
         self._closed = False
         self.done = self._loop.create_future()
 
     # -- wiring
-    def peer_of(self, side: _Side) -> _PeerHandle:
-        other = self.upstream if side is self.client else self.client
-        return _PeerHandle(other.transport)
+    @property
+    def buffered(self) -> int:
+        """Bytes this pair holds in user space: the connect buffer and both write buffers."""
+        held = self._pending_size if self._pending is not None else 0
+        for side in (self.client, self.upstream):
+            transport = side.transport
+            if transport is not None and not transport.is_closing():
+                held += transport.get_write_buffer_size()
+        return held
+
+    def writing_paused(self, side: _Side, paused: bool) -> None:
+        if side is self.upstream:
+            self._upstream_full = paused
+            self._update_client_reading()
+        else:
+            # The client socket is full: stop reading what step-runner sends.
+            upstream = self.upstream.transport
+            if upstream is not None and not upstream.is_closing():
+                if paused:
+                    upstream.pause_reading()
+                else:
+                    upstream.resume_reading()
+
+    def _update_client_reading(self) -> None:
+        transport = self.client.transport
+        if transport is None or transport.is_closing():
+            return
+        if self._pending_full or self._upstream_full:
+            transport.pause_reading()
+        else:
+            transport.resume_reading()
 
     def client_connected(self, side: _ClientSide) -> None:
         self._splice.connection_opened(self)
@@ -147,8 +179,12 @@ class _Pair:
             upstream.write(chunk)
         if self._client_eof_pending:
             self._write_eof(upstream)
-        if self._pending_size > _CONNECT_BUFFER_LIMIT and self.client.transport:
-            self.client.transport.resume_reading()
+        self._pending_size = 0
+        if self._pending_full:
+            # The flush may just have filled the upstream socket (pause_writing, which
+            # asyncio signals once): reading resumes only if it did not.
+            self._pending_full = False
+            self._update_client_reading()
 
     # -- data
     def from_client(self, data: bytes) -> None:
@@ -161,8 +197,9 @@ class _Pair:
         else:
             self._pending.append(data)
             self._pending_size += len(data)
-            if self._pending_size > _CONNECT_BUFFER_LIMIT and self.client.transport:
-                self.client.transport.pause_reading()
+            if self._pending_size > _CONNECT_BUFFER_LIMIT and not self._pending_full:
+                self._pending_full = True
+                self._update_client_reading()
         tap = self._tap
         if tap is not None:
             try:
@@ -243,21 +280,6 @@ class _Pair:
             transport.close()
 
 
-class _PeerHandle:
-    __slots__ = ("_transport",)
-
-    def __init__(self, transport: asyncio.Transport | None) -> None:
-        self._transport = transport
-
-    def pause_reading(self) -> None:
-        if self._transport is not None and not self._transport.is_closing():
-            self._transport.pause_reading()
-
-    def resume_reading(self) -> None:
-        if self._transport is not None and not self._transport.is_closing():
-            self._transport.resume_reading()
-
-
 class Splice:
     """Listens on `listen` and splices every connection to `upstream`."""
 
@@ -292,6 +314,11 @@ class Splice:
     @property
     def active_connections(self) -> int:
         return len(self._pairs)
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held in user space over every connection (connect and write buffers)."""
+        return sum(pair.buffered for pair in self._pairs)
 
     @property
     def serving(self) -> bool:
