@@ -14,7 +14,8 @@ from prometheus_client import CollectorRegistry
 
 from . import __version__
 from .accounting import Accounting
-from .config import Address, Config
+from .config import Address, Config, ConfigError
+from .errors import StartError
 from .logs import fields
 from .metrics import Metrics, labelled_registry, register_default_collectors
 from .observer import CLIENT_BLOCKS, SERVER_BLOCKS, ConnectionObserver
@@ -39,13 +40,19 @@ def endpoint(address: Address) -> Endpoint:
 def _uid(owner: str | int | None) -> int | None:
     if owner is None or isinstance(owner, int):
         return owner
-    return pwd.getpwnam(owner).pw_uid
+    try:
+        return pwd.getpwnam(owner).pw_uid
+    except KeyError:
+        raise StartError(f"socket.owner: no user {owner!r} on this machine") from None
 
 
 def _gid(group: str | int | None) -> int | None:
     if group is None or isinstance(group, int):
         return group
-    return grp.getgrnam(group).gr_gid
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise StartError(f"socket.group: no group {group!r} on this machine") from None
 
 
 class Sidecar:
@@ -110,6 +117,28 @@ class Sidecar:
         return self.splice is not None and self.splice.serving and not self._stopping
 
     async def start(self) -> None:
+        """Start the web endpoint and the splice. Raises StartError (or ConfigError for
+        the web config file) with a one-line message; nothing started stays running."""
+        try:
+            await self._start()
+        except BaseException as exc:
+            await self._undo_start()
+            if isinstance(exc, StartError | ConfigError) or not isinstance(exc, Exception):
+                raise
+            # A failure to start is one line, never a traceback (SPEC section 6); the
+            # traceback is kept for debug logging.
+            log.debug("start failed", exc_info=True)
+            raise StartError(f"cannot start: {type(exc).__name__}: {exc}") from exc
+
+    async def _undo_start(self) -> None:
+        if self.splice is not None:
+            await self.splice.close()
+            self.splice = None
+        if self.web is not None:
+            self.web.stop()
+            self.web = None
+
+    async def _start(self) -> None:
         cfg = self.config
         if self._want_web:
             tls = None
@@ -117,7 +146,13 @@ class Sidecar:
             headers: dict[str, str] = {}
             if cfg.web.config_file is not None:
                 web_cfg = load_web_config(cfg.web.config_file)
-                tls = ssl_context(web_cfg)
+                try:
+                    tls = ssl_context(web_cfg)
+                except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+                    raise StartError(
+                        f"web.config_file {cfg.web.config_file}: cannot load the TLS "
+                        f"certificate and key: {exc}"
+                    ) from exc
                 headers = dict(web_cfg.http_server_config.headers)
                 if web_cfg.basic_auth_users:
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from . import __version__
 from .config import FLAGS, ConfigError, load_config
+from .errors import StartError
 from .logs import setup_logging
 from .webconfig import load_web_config
 
@@ -92,11 +93,10 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config_file, overrides)
     except ConfigError as exc:
-        print(f"invalid configuration:\n{exc}", file=sys.stderr)
+        _start_failed(f"invalid configuration: {_one_line(exc)}")
         return 2
     setup_logging(config.log.level, config.log.format)
     from .app import Sidecar
-    from .splice import ListenError
 
     try:
         import uvloop
@@ -106,12 +106,25 @@ def _serve(args: argparse.Namespace) -> int:
         runner = uvloop.run
     try:
         runner(Sidecar(config).run())
-    except ListenError as exc:
-        print(f"step-runner-exporter: {exc}", file=sys.stderr)
+    except StartError as exc:
+        _start_failed(str(exc))
         return 1
+    except ConfigError as exc:  # the web config file, read at start
+        _start_failed(f"invalid web configuration: {_one_line(exc)}")
+        return 2
     except KeyboardInterrupt:
         return 130
     return 0
+
+
+def _one_line(exc: ConfigError) -> str:
+    # Every problem, each with its file and line, on the one line a failure to start
+    # gets (SPEC section 6); check-config prints them one per line.
+    return "; ".join(str(p) for p in exc.problems) or str(exc)
+
+
+def _start_failed(message: str) -> None:
+    print(f"step-runner-exporter: {' '.join(message.split())}", file=sys.stderr)
 
 
 if __name__ == "__main__":

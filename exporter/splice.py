@@ -19,6 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, cast
 
+from .errors import StartError
+
 log = logging.getLogger("exporter.splice")
 
 # Client bytes read while the upstream connection is still being opened; beyond
@@ -325,6 +327,7 @@ class Splice:
         return self._server is not None and self._server.is_serving()
 
     async def start(self) -> None:
+        check_upstream(self.upstream_endpoint)
         factory = self._accept
         if self.listen.path is not None:
             sock = bind_unix_socket(
@@ -334,9 +337,14 @@ class Splice:
             self._socket_file = (st.st_dev, st.st_ino)
             self._server = await self.loop.create_unix_server(factory, sock=sock, backlog=1024)
         else:
-            self._server = await self.loop.create_server(
-                factory, self.listen.host, self.listen.port, backlog=1024, reuse_address=True
-            )
+            try:
+                self._server = await self.loop.create_server(
+                    factory, self.listen.host, self.listen.port, backlog=1024, reuse_address=True
+                )
+            except OSError as exc:
+                # uvloop's message repeats the address; the errno's text is enough.
+                reason = os.strerror(exc.errno) if exc.errno else str(exc)
+                raise ListenError(f"cannot listen on {self.listen}: {reason}") from exc
             port = self._server.sockets[0].getsockname()[1]
             self.listen = Endpoint(host=self.listen.host, port=port)
 
@@ -424,8 +432,22 @@ class _Rejected(asyncio.Protocol):
         transport.close()
 
 
-class ListenError(Exception):
-    pass
+class ListenError(StartError):
+    """The listening socket cannot be created."""
+
+
+def check_upstream(upstream: Endpoint) -> None:
+    """Refuse an upstream path that can never be a socket to connect to. A missing one
+    is fine: step-runner may start after the sidecar, and upstream_up says so."""
+    if upstream.path is None:
+        return
+    try:
+        st = os.stat(upstream.path)
+    except OSError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a socket"
+        raise StartError(f"upstream {upstream}: {upstream.path} is {kind}")
 
 
 def bind_unix_socket(path: str, mode: int, owner: int | None, group: int | None) -> socket.socket:

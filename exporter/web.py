@@ -18,6 +18,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
+from .errors import StartError
+
 log = logging.getLogger("exporter.web")
 
 # TLS handshake and idle time allowed to one web connection.
@@ -48,7 +50,13 @@ class WebServer:
         self.headers = dict(headers or {})
         self.scrapes = 0
         self._scraped = threading.Condition()
-        self._httpd = _Server((host, port), _Handler, self)
+        try:
+            self._httpd = _Server((host, port), _Handler, self)
+        except OSError as exc:
+            where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            raise StartError(
+                f"cannot listen on {where} (web.listen_address): {exc.strerror or exc}"
+            ) from exc
         if tls is not None:
             # The handshake happens in the request's thread (see _Server.finish_request):
             # done in accept(), one client that never sends a ClientHello would stall
