@@ -279,6 +279,8 @@ async def run_job(
                 channel, method, request, package=package, metadata=request_metadata, **kwargs
             )
             record.calls.append(result)
+            if _connection_lost(result):
+                await _until_channel_notices(channel)
             return result
 
         # A scenario's short deadline applies to Status only: on the other calls it
@@ -304,6 +306,36 @@ async def run_job(
         await call("Close", step_pb2.CloseRequest(id=job_id), deadline=unary_timeout)
     record.wall_seconds = time.monotonic() - started
     return record
+
+
+def _connection_lost(result: CallResult) -> bool:
+    """A call the end of its connection failed: no headers, no trailers, UNAVAILABLE.
+    (A status step-runner sends always comes with its trailers.)"""
+    return (
+        result.grpc_code == "Unavailable"
+        and not result.initial_metadata
+        and not result.trailing_metadata
+    )
+
+
+# Far longer than grpc-core takes to notice a closed connection; only a bound.
+LOST_CONNECTION_NOTICE = 5.0
+
+
+async def _until_channel_notices(channel: Any) -> None:
+    """Wait until the channel has left READY after its connection was lost.
+
+    grpc-core fails the calls of a closed connection before its load balancer learns
+    that the connection is gone; a call started in between (the job's Close) is put on
+    the dead connection and fails UNAVAILABLE without ever reaching the sidecar or
+    step-runner, although the client made it. grpc-go, Runner's library, retries such
+    a call transparently on a new connection; waiting here gives the same result: the
+    next call reconnects.
+    """
+    ready = grpc.ChannelConnectivity.READY
+    if channel.get_state() == ready:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(channel.wait_for_state_change(ready), LOST_CONNECTION_NOTICE)
 
 
 async def _poll_status(

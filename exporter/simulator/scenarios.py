@@ -109,7 +109,7 @@ class Scenario:
     # reports (so an undecodable response is Internal although the wire said OK).
     calls: tuple[str, ...]
     # Other call sequences that are just as right, where timing outside the job's
-    # control picks one (e.g. whether the reconnect after a drop is in backoff).
+    # control picks one (none of the built-in scenarios needs one).
     also_calls: tuple[tuple[str, ...], ...] = ()
     # True when a terminal Status decides the job (its end - start is then observed).
     decided_by_status: bool = True
@@ -334,11 +334,9 @@ _SCENARIOS: tuple[Scenario, ...] = (
     Scenario(
         "connection_drop",
         "the fault relay cuts the connection while Run is in flight; Close then "
-        "reconnects and ends NotFound (Run never reached the server), or Unavailable "
-        "when the channel is still in reconnect backoff",
+        "reconnects and ends NotFound (Run never reached the server)",
         _grpc_status("Unavailable"),
         ("Run:Unavailable", "Close:NotFound"),
-        also_calls=(("Run:Unavailable", "Close:Unavailable"),),
         decided_by_status=False,
         env={ENV_FAULT: DROP_MARKER},
     ),

@@ -85,14 +85,19 @@ def run() -> Iterator[Run]:
         tally = loop.run(
             run_jobs(sidecar.listen, JOBS, concurrency=8, mix=MIX, seed=3), timeout=120
         )
+        ended = time.time()
         assert not tally.mismatches, [job.problems() for job in tally.mismatches]
         total = len(tally.jobs)
-        poll(
-            lambda: prom.value("sum(step_runner_jobs_total)") == total or None,
-            30,
-            f"Prometheus to scrape all {total} jobs",
-        )
-        yield Run(prom, tally, sidecar.web, prom.last_scrape(), started)
+
+        # Jobs are counted before their Close: a scrape from before the workload ended
+        # can hold every job and still miss the last calls.
+        def settled() -> float | None:
+            at = prom.last_scrape()
+            done = at > ended and prom.value("sum(step_runner_jobs_total)", at) == total
+            return at if done else None
+
+        at = poll(settled, 30, f"a scrape after the last call, with all {total} jobs")
+        yield Run(prom, tally, sidecar.web, at, started)
 
 
 def test_raw_counters_equal_the_tally(run: Run) -> None:
