@@ -26,6 +26,7 @@ from .logs import setup_logging
 from .simulator import JobRecord, SimulatedStepRunner, Tally, run_forever, run_jobs
 
 REFRESH_SECONDS = 1.0
+SHUTDOWN_GRACE = 5.0
 
 
 def counted(registry: CollectorRegistry) -> tuple[dict[str, int], Counter[tuple[str, ...]]]:
@@ -88,7 +89,7 @@ async def _demo(
                     "upstream": sim.listen_address,
                     "web": {"listen_address": web_listen_address},
                     "labels": {"runner": "demo"},
-                    "shutdown": {"grace_period": "5s", "final_scrape_wait": 0},
+                    "shutdown": {"grace_period": SHUTDOWN_GRACE, "final_scrape_wait": 0},
                 },
                 source="<demo>",
             )
@@ -137,7 +138,9 @@ async def _drive(
             await asyncio.wait({runner, stopper}, return_when=asyncio.FIRST_COMPLETED)
             stopper.cancel()
             if not runner.done():
-                runner.cancel()
+                runner.cancel()  # Ctrl-C: its jobs' channels close as it unwinds
+            with contextlib.suppress(asyncio.CancelledError):
+                await runner
         else:
             await run_forever(
                 target, stop, concurrency=concurrency, seed=seed, pause=0.05, on_job=on_job
@@ -146,7 +149,11 @@ async def _drive(
         refresher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await refresher
-    await sidecar.stop(grace=5.0, final_scrape_wait=0)
+    last_job = time.monotonic()
+    # Every simulated job has closed its channel, so the grace period is only waited
+    # for a connection something else still holds open.
+    await sidecar.stop(grace=SHUTDOWN_GRACE, final_scrape_wait=0)
+    stopped_after = time.monotonic() - last_job
     text = render(sidecar.registry, live, time.monotonic() - started, web)
     match = counted(sidecar.registry) == tally_counts(live)
     out.write(("\x1b[H\x1b[J" if tty else "") + text + "\n\n")
@@ -154,6 +161,7 @@ async def _drive(
     out.write(
         f"tally match: {'yes' if match else 'NO'}: the sidecar's counters {verdict} "
         f"the simulated Runner's own tally of {len(live.jobs)} jobs\n"
+        f"stopped {stopped_after:.2f}s after the last job\n"
     )
     out.flush()
     return 0 if match else 1

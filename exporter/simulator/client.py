@@ -114,12 +114,17 @@ async def invoke(
     responses: list[bytes] = []
     if streaming:
         call = channel.unary_stream(path)(payload, metadata=metadata, timeout=deadline)
+        stream = call.__aiter__()
         with contextlib.suppress(grpc.aio.AioRpcError):  # the call's status says it all
-            async for response in call:
+            async for response in stream:
                 responses.append(response)
                 if cancel_after is not None and len(responses) >= cancel_after:
                     call.cancel()
                     break
+        # grpc.aio's response generator and its call refer to each other. Left suspended
+        # (the break above), they wait for the garbage collector, and until then the
+        # call holds its connection open although the channel has been closed.
+        await stream.aclose()
     else:
         call = channel.unary_unary(path)(payload, metadata=metadata, timeout=deadline)
         with contextlib.suppress(grpc.aio.AioRpcError):

@@ -136,9 +136,12 @@ class DropRelay:
                         source_writer.transport.abort()
                         return
                     tail = window[-(len(self._marker) - 1) :]
+                if writer.transport.is_closing():
+                    return  # the other direction cut the connection (a drop, a reset)
                 writer.write(data)
                 await writer.drain()
-            if writer.can_write_eof():
+            # uvloop raises on a closed transport, where asyncio does nothing.
+            if not writer.transport.is_closing() and writer.can_write_eof():
                 writer.write_eof()
         except (ConnectionError, OSError):
             writer.transport.abort()
