@@ -1,18 +1,26 @@
 """The web endpoint: /metrics (Prometheus text or OpenMetrics by `Accept`),
 /-/healthy and /-/ready, optionally behind TLS and basic auth.
 
-It runs in its own thread with a threading HTTP server, so a scrape never competes
-with the byte splice's event loop for scheduling (only for the GIL, briefly).
+It runs on its own threads, so a scrape never competes with the byte splice's event
+loop for scheduling (only for the GIL, briefly). A fixed pool of WORKERS threads
+serves at most that many connections at once; further connections wait in the
+kernel's listen backlog, at no cost to the splice, until a worker is free (a flood of
+logins cannot start a thread each, and each bcrypt runs alone, see webconfig).
 """
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import logging
+import os
+import select
+import selectors
+import socket
 import ssl
 import threading
 from collections.abc import Callable, Mapping
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -24,6 +32,13 @@ log = logging.getLogger("exporter.web")
 
 # TLS handshake and idle time allowed to one web connection.
 REQUEST_TIMEOUT = 30.0
+# Connections served at once, and connections the kernel queues beyond them.
+WORKERS = 8
+BACKLOG = 128
+# How often an idle worker looks whether the server is stopping.
+POLL_INTERVAL = 0.2
+# How much nicer than the rest of the process the web workers run.
+WEB_NICE = 10
 
 LANDING = b"""<html><head><title>step-runner-exporter</title></head><body>
 <h1>step-runner-exporter</h1><p><a href="%s">Metrics</a></p></body></html>
@@ -64,7 +79,13 @@ class WebServer:
             self._httpd.socket = tls.wrap_socket(
                 self._httpd.socket, server_side=True, do_handshake_on_connect=False
             )
-        self._thread: threading.Thread | None = None
+        # Several idle workers wait on the one listening socket; the losers of an
+        # accept() must get EAGAIN, not block.
+        self._httpd.socket.setblocking(False)
+        self._workers: list[threading.Thread] = []
+        self._stopping = threading.Event()
+        self._open: set[socket.socket] = set()
+        self._open_lock = threading.Lock()
 
     @property
     def port(self) -> int:
@@ -74,17 +95,63 @@ class WebServer:
     def host(self) -> str:
         return str(self._httpd.server_address[0])
 
-    def start(self) -> None:
-        self._thread = threading.Thread(
-            target=self._httpd.serve_forever, name="web", kwargs={"poll_interval": 0.2}, daemon=True
-        )
-        self._thread.start()
+    def start(self, workers: int = WORKERS) -> None:
+        for n in range(workers):
+            thread = threading.Thread(target=self._work, name=f"web-{n}", daemon=True)
+            thread.start()
+            self._workers.append(thread)
 
     def stop(self) -> None:
-        self._httpd.shutdown()
+        self._stopping.set()
+        with self._open_lock:
+            for conn in self._open:
+                # Ends a kept-alive or stalled connection now, not at its timeout. The
+                # plain socket's shutdown: SSLSocket's would pull the TLS state from
+                # under the worker using it.
+                with contextlib.suppress(OSError):
+                    socket.socket.shutdown(conn, socket.SHUT_RDWR)
+        for thread in self._workers:
+            thread.join()
+        self._workers.clear()
         self._httpd.server_close()
-        if self._thread is not None:
-            self._thread.join()
+
+    def _work(self) -> None:
+        # Scrapes (and the bcrypt of a login) yield the CPU to the splice's event loop
+        # when both want it: on Linux a thread id names just that thread here.
+        with contextlib.suppress(OSError):
+            tid = threading.get_native_id()
+            os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + WEB_NICE)
+        httpd = self._httpd
+        with selectors.DefaultSelector() as selector:
+            selector.register(httpd.socket, selectors.EVENT_READ)
+            while not self._stopping.is_set():
+                if not selector.select(POLL_INTERVAL):
+                    continue
+                try:
+                    conn, address = httpd.get_request()
+                except (BlockingIOError, InterruptedError):
+                    continue  # another worker accepted it
+                except OSError:
+                    log.debug("web accept failed", exc_info=True)
+                    continue
+                self._serve(conn, address)
+
+    def _serve(self, conn: socket.socket, address: Any) -> None:
+        with self._open_lock:
+            if self._stopping.is_set():
+                conn.close()
+                return
+            self._open.add(conn)
+        try:
+            # accept() on the non-blocking listening socket; the handler sets timeouts.
+            conn.setblocking(True)
+            self._httpd.finish_request(conn, address)
+        except Exception:
+            self._httpd.handle_error(conn, address)
+        finally:
+            with self._open_lock:
+                self._open.discard(conn)
+            self._httpd.shutdown_request(conn)
 
     def wait_for_scrape(self, after: int, timeout: float) -> bool:
         """Block until more than `after` scrapes have been served, or the timeout."""
@@ -97,9 +164,11 @@ class WebServer:
             self._scraped.notify_all()
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
+class _Server(HTTPServer):
+    """The listening socket and the request handling; WebServer's workers accept."""
+
     allow_reuse_address = True
+    request_queue_size = BACKLOG
 
     def __init__(self, address: tuple[str, int], handler: Any, web: WebServer) -> None:
         self.web = web
@@ -125,8 +194,19 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         web = self.server.web
+        if self._client_gone():
+            # It waited in the backlog and gave up: no bcrypt, no scrape for nobody.
+            self.close_connection = True
+            return
         if web.authorize is not None and not web.authorize(self.headers.get("Authorization")):
-            self._send(401, b"Unauthorized\n", extra={"WWW-Authenticate": 'Basic realm="metrics"'})
+            # Closed after a failed login: a client trying passwords on one kept-alive
+            # connection would hold its worker; reconnecting queues it behind others.
+            self.close_connection = True
+            self._send(
+                401,
+                b"Unauthorized\n",
+                extra={"WWW-Authenticate": 'Basic realm="metrics"', "Connection": "close"},
+            )
             return
         path = self.path.split("?", 1)[0]
         if path == web.metrics_path:
@@ -142,6 +222,18 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(200, LANDING % web.metrics_path.encode(), content_type="text/html")
         else:
             self._send(404, b"Not found\n")
+
+    def _client_gone(self) -> bool:
+        """Whether the client has closed its end (EOF waiting after its request)."""
+        conn = self.connection
+        try:
+            if not select.select([conn], [], [], 0)[0]:
+                return False
+            # The plain socket's recv: SSLSocket refuses flags. A TLS client's EOF
+            # reads as b"" there too (a close_notify is data, and answered as usual).
+            return socket.socket.recv(conn, 1, socket.MSG_PEEK) == b""
+        except OSError:
+            return True
 
     def _metrics(self, web: WebServer) -> None:
         encoder, content_type = choose_encoder(self.headers.get("Accept", ""))

@@ -15,6 +15,7 @@ import re
 import secrets
 import ssl
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -296,42 +297,60 @@ def ssl_context(cfg: WebServerConfig) -> ssl.SSLContext | None:
 # --- basic auth -----------------------------------------------------------------------
 
 
-class _SuccessCache:
-    """Successful (user, hash, password) checks, so bcrypt (tens of milliseconds by
-    design) runs once per credential rather than on every scrape.
+class _AuthCache:
+    """Recent results of (user, hash, password) checks, each kept for `ttl` seconds:
+    bcrypt (tens of milliseconds by design) runs once a minute per credential rather
+    than on every scrape, and a client repeating a wrong password costs one bcrypt,
+    not one per request.
 
-    Keys are keyed HMACs: no password sits in memory, and a changed hash in a reloaded
-    config never matches an old entry.
+    Keys come from `_cache_key`.
     """
 
-    def __init__(self, size: int = 256) -> None:
-        self._secret = secrets.token_bytes(32)
-        self._size = size
-        self._entries: OrderedDict[bytes, None] = OrderedDict()
+    def __init__(self, size: int, ttl: float) -> None:
+        self.size = size
+        self._ttl = ttl
+        self._entries: OrderedDict[bytes, float] = OrderedDict()  # key -> expiry
         self._lock = threading.Lock()
-
-    def key(self, user: str, hashed: str, password: bytes) -> bytes:
-        mac = hmac.new(self._secret, digestmod="sha256")
-        for part in (user.encode(), hashed.encode(), password):
-            mac.update(len(part).to_bytes(8, "big"))
-            mac.update(part)
-        return mac.digest()
 
     def __contains__(self, key: bytes) -> bool:
         with self._lock:
-            if key not in self._entries:
+            expires = self._entries.get(key)
+            if expires is None:
                 return False
-            self._entries.move_to_end(key)
+            if expires <= time.monotonic():
+                del self._entries[key]
+                return False
             return True
 
     def add(self, key: bytes) -> None:
         with self._lock:
-            self._entries[key] = None
-            while len(self._entries) > self._size:
+            self._entries[key] = time.monotonic() + self._ttl
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.size:
                 self._entries.popitem(last=False)
 
 
-_success_cache = _SuccessCache()
+_KEY_SECRET = secrets.token_bytes(32)
+
+
+def _cache_key(user: str, hashed: str, password: bytes) -> bytes:
+    """A keyed HMAC: no password sits in memory, and a changed hash in a reloaded
+    config never matches an old entry."""
+    mac = hmac.new(_KEY_SECRET, digestmod="sha256")
+    for part in (user.encode(), hashed.encode(), password):
+        mac.update(len(part).to_bytes(8, "big"))
+        mac.update(part)
+    return mac.digest()
+
+
+AUTH_CACHE_TTL = 60.0
+# Separate caches, so that a flood of distinct wrong passwords cannot evict the
+# scraper's good credentials (and make each of its scrapes wait for bcrypt).
+_successes = _AuthCache(size=256, ttl=AUTH_CACHE_TTL)
+_failures = _AuthCache(size=4096, ttl=AUTH_CACHE_TTL)
+# One bcrypt at a time: it releases the GIL and would otherwise take every core the
+# byte splice needs, one per concurrent login attempt.
+_bcrypt_lock = threading.Lock()
 
 
 @cache
@@ -368,25 +387,28 @@ def check_basic_auth(cfg: WebServerConfig, authorization_header: str | None) -> 
         return False
     user, password = credentials
     hashed = cfg.basic_auth_users.get(user)
-    if hashed is None:
-        # Spend the same bcrypt time on an unknown user so that timing does not tell
-        # which user names exist.
-        _checkpw(password, _dummy_hash(max(_cost(h) for h in cfg.basic_auth_users.values())))
-        return False
-    key = _success_cache.key(user, hashed, password)
-    if key in _success_cache:
+    # An unknown user is checked against a dummy hash of the configured cost, so that
+    # timing does not tell which user names exist; it is cached like a wrong password.
+    key = _cache_key(user, hashed or "", password)
+    if key in _successes:
         return True
-    if not _checkpw(password, hashed.encode()):
+    if key in _failures:
         return False
-    _success_cache.add(key)
-    return True
+    if hashed is None:
+        _checkpw(password, _dummy_hash(max(_cost(h) for h in cfg.basic_auth_users.values())))
+        ok = False
+    else:
+        ok = _checkpw(password, hashed.encode())
+    (_successes if ok else _failures).add(key)
+    return ok
 
 
 def _checkpw(password: bytes, hashed: bytes) -> bool:
-    try:
-        return bcrypt.checkpw(password, hashed)
-    except ValueError:  # over bcrypt's 72-byte limit, or a hash bcrypt rejects
-        return False
+    with _bcrypt_lock:
+        try:
+            return bcrypt.checkpw(password, hashed)
+        except ValueError:  # over bcrypt's 72-byte limit, or a hash bcrypt rejects
+            return False
 
 
 __all__ = [
