@@ -227,7 +227,10 @@ class _Handler(BaseHTTPRequestHandler):
         """Whether the client has closed its end (EOF waiting after its request)."""
         conn = self.connection
         try:
-            if not select.select([conn], [], [], 0)[0]:
+            # poll, not select: a busy sidecar has descriptors beyond select's 1024.
+            waiting = select.poll()
+            waiting.register(conn, select.POLLIN)
+            if not waiting.poll(0):
                 return False
             # The plain socket's recv: SSLSocket refuses flags. A TLS client's EOF
             # reads as b"" there too (a close_notify is data, and answered as usual).
