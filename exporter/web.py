@@ -35,8 +35,6 @@ REQUEST_TIMEOUT = 30.0
 # Connections served at once, and connections the kernel queues beyond them.
 WORKERS = 8
 BACKLOG = 128
-# How often an idle worker looks whether the server is stopping.
-POLL_INTERVAL = 0.2
 # How much nicer than the rest of the process the web workers run.
 WEB_NICE = 10
 
@@ -84,6 +82,9 @@ class WebServer:
         self._httpd.socket.setblocking(False)
         self._workers: list[threading.Thread] = []
         self._stopping = threading.Event()
+        # Idle workers sleep until a connection or stop(): a byte in this pipe, never
+        # read, wakes every one of them (no periodic wake-ups to take the GIL).
+        self._wake_read, self._wake_write = os.pipe()
         self._open: set[socket.socket] = set()
         self._open_lock = threading.Lock()
 
@@ -102,18 +103,24 @@ class WebServer:
             self._workers.append(thread)
 
     def stop(self) -> None:
+        if self._stopping.is_set():
+            return
         self._stopping.set()
+        os.write(self._wake_write, b"x")
         with self._open_lock:
             for conn in self._open:
-                # Ends a kept-alive or stalled connection now, not at its timeout. The
+                # A kept-alive or stalled connection ends now, not at its timeout; a
+                # response being written is still sent whole (only reading stops). The
                 # plain socket's shutdown: SSLSocket's would pull the TLS state from
                 # under the worker using it.
                 with contextlib.suppress(OSError):
-                    socket.socket.shutdown(conn, socket.SHUT_RDWR)
+                    socket.socket.shutdown(conn, socket.SHUT_RD)
         for thread in self._workers:
             thread.join()
         self._workers.clear()
         self._httpd.server_close()
+        os.close(self._wake_read)
+        os.close(self._wake_write)
 
     def _work(self) -> None:
         # Scrapes (and the bcrypt of a login) yield the CPU to the splice's event loop
@@ -124,9 +131,11 @@ class WebServer:
         httpd = self._httpd
         with selectors.DefaultSelector() as selector:
             selector.register(httpd.socket, selectors.EVENT_READ)
-            while not self._stopping.is_set():
-                if not selector.select(POLL_INTERVAL):
-                    continue
+            selector.register(self._wake_read, selectors.EVENT_READ)
+            while True:
+                selector.select()
+                if self._stopping.is_set():
+                    return
                 try:
                     conn, address = httpd.get_request()
                 except (BlockingIOError, InterruptedError):

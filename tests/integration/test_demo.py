@@ -45,8 +45,7 @@ def test_the_demo_prints_no_error_and_stops_right_after_the_last_job() -> None:
     assert "tally match: yes" in result.stdout
     match = re.search(r"stopped (\d+\.\d+)s after the last job", result.stdout)
     assert match is not None, result.stdout[-2000:]
-    # With nothing open the grace period is not waited (stopping the web endpoint
-    # takes up to its 0.2 s poll interval).
+    # With nothing open the grace period is not waited.
     assert float(match.group(1)) < SHUTDOWN_GRACE / 2, match.group(0)
 
 
