@@ -4,6 +4,8 @@ GOPATH mode (`GO111MODULE=off`) because no Go module proxy is reachable: grpc-go
 protobuf-go come from /usr/share/gocode, and the StepRunner stubs are generated from
 exporter/proto/step.proto at build time into a GOPATH under benchmarks/.build. A
 build is reused while its inputs (sources, proto, toolchain versions) are unchanged.
+Every binary is static (`CGO_ENABLED=0`), so the Docker tests can put the stand-in and
+citool into an image that has nothing else in it.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ REPO = Path(__file__).resolve().parent.parent
 BUILD_DIR = REPO / "benchmarks" / ".build"
 GO_SOURCES = REPO / "benchmarks" / "go"
 PROTO = REPO / "exporter" / "proto" / "step.proto"
-PROGRAMS = ("stepserver", "stepclient")
+PROGRAMS = ("stepserver", "stepclient", "citool")
 
 GOCODE = Path("/usr/share/gocode")
 PROTO_INCLUDE = Path("/usr/include")
@@ -46,6 +48,8 @@ class GoBinaries:
     server: Path
     client: Path
     toolchain: str  # go, protoc and grpc-go versions, for the report
+    # The small multi-call tools (echo, sleep, cat, ...) of the Docker test image.
+    citool: Path
 
 
 def missing_prerequisites() -> list[str]:
@@ -113,7 +117,9 @@ def _build(build_dir: Path) -> None:
     (build_dir / "bin").mkdir(exist_ok=True)
     for program in PROGRAMS:
         tmp = build_dir / "bin" / f".{program}.tmp"
-        _run(["go", "build", "-o", str(tmp), "."], cwd=GO_SOURCES / program, env=env)
+        # Stripped: the images of the Docker tests copy these into every container.
+        build = ["go", "build", "-trimpath", "-ldflags=-s -w", "-o", str(tmp), "."]
+        _run(build, cwd=GO_SOURCES / program, env=env)
         tmp.replace(build_dir / "bin" / program)
 
 
@@ -130,11 +136,15 @@ def ensure_built(build_dir: Path = BUILD_DIR) -> GoBinaries:
     toolchain = toolchain_version()
     key = _inputs_digest(toolchain)
     stamp = build_dir / "stamp"
-    binaries = GoBinaries(build_dir / "bin/stepserver", build_dir / "bin/stepclient", toolchain)
+    bin_dir = build_dir / "bin"
+    binaries = GoBinaries(
+        bin_dir / "stepserver", bin_dir / "stepclient", toolchain, bin_dir / "citool"
+    )
     with (build_dir / "lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         fresh = stamp.exists() and stamp.read_text() == key
-        if not (fresh and binaries.server.exists() and binaries.client.exists()):
+        built = (binaries.server, binaries.client, binaries.citool)
+        if not (fresh and all(path.exists() for path in built)):
             stamp.unlink(missing_ok=True)
             _build(build_dir)
             stamp.write_text(key)

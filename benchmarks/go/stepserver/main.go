@@ -5,10 +5,17 @@
 // A job's RunRequest.env scripts what its calls return, the way a real job's script
 // decides its outcome: SCENARIO picks the Status answer, LOG_BYTES and LOG_CHUNK
 // the log FollowLogs streams.
+//
+// Installed in a container image as gitlab-runner-helper it also has the two
+// subcommands GitLab Runner's Docker executor uses (steps.go in this package):
+//
+//	steps serve [--socket P]   the build container's main process
+//	steps proxy [--socket P]   one exec session per gRPC connection
 package main
 
 import (
 	"context"
+	"errors"
 	"flag"
 	"log"
 	"net"
@@ -22,6 +29,7 @@ import (
 	pb "gitlab.com/gitlab-org/step-runner/proto"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/encoding"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/timestamppb"
 )
@@ -104,9 +112,18 @@ func (s *server) FollowLogs(req *pb.FollowLogsRequest, stream pb.StepRunner_Foll
 		if err := stream.Send(msg); err != nil {
 			return err
 		}
+		if j.scenario == "client_cancel" {
+			// The client gives up on the stream after its first message.
+			<-stream.Context().Done()
+			return stream.Context().Err()
+		}
 	}
 	return nil
 }
+
+// undecodableMessage marks a Status whose response the codec replaces with bytes
+// that do not decode as a StatusResponse.
+const undecodableMessage = "\x00undecodable"
 
 // statusOf answers Status per the job's scenario; the names match the rows of
 // SPEC section 3 that a step-runner can produce on its own.
@@ -135,6 +152,13 @@ func statusOf(id string, j job) (*pb.Status, error) {
 		st.Error = kind(pb.StatusError_timeout)
 	case "failure_noerror":
 		st.Message = "exit status 1"
+	case "unknown_kind":
+		st.Error = kind(pb.StatusError_unknown)
+	case "unrecognized_kind":
+		// An ErrorKind number newer than this build's proto.
+		st.Error = kind(pb.StatusError_ErrorKind(99))
+	case "undecodable_status":
+		st.Message = undecodableMessage
 	case "cancelled":
 		st.Status = pb.StepResult_cancelled
 		st.Error = kind(pb.StatusError_cancelled)
@@ -143,19 +167,29 @@ func statusOf(id string, j job) (*pb.Status, error) {
 		return nil, status.Error(codes.Internal, "panic in /proto.StepRunner/Status")
 	case "unavailable_status":
 		return nil, status.Error(codes.Unavailable, "step-runner is shutting down")
+	case "unknown_code":
+		return nil, status.Error(codes.Unknown, "exec: not started")
+	case "client_cancel", "deadline":
+		// The client ended these jobs' calls itself (it cancels FollowLogs; it gives
+		// Status a short deadline, which statusHandler waits out).
+		st.Status = pb.StepResult_success
 	default:
 		return nil, status.Errorf(codes.InvalidArgument, "unknown SCENARIO %q", scenario)
 	}
 	return st, nil
 }
 
-func (s *server) Status(_ context.Context, req *pb.StatusRequest) (*pb.StatusResponse, error) {
+func (s *server) Status(ctx context.Context, req *pb.StatusRequest) (*pb.StatusResponse, error) {
 	if req.Id == "" {
 		return s.listAll()
 	}
 	j, err := s.lookup(req.Id)
 	if err != nil {
 		return nil, err
+	}
+	if j.scenario == "deadline" {
+		<-ctx.Done()
+		return nil, status.FromContextError(ctx.Err()).Err()
 	}
 	st, err := statusOf(req.Id, j)
 	if err != nil {
@@ -194,7 +228,33 @@ func (s *server) Close(_ context.Context, req *pb.CloseRequest) (*pb.CloseRespon
 	return &pb.CloseResponse{}, nil
 }
 
+// undecodableCodec is grpc-go's proto codec, except that a StatusResponse carrying
+// undecodableMessage goes out as a truncated message: what a client sees when a
+// server's schema disagrees with its own (SPEC section 3, "does not decode").
+type undecodableCodec struct{ encoding.Codec }
+
+func (c undecodableCodec) Marshal(v interface{}) ([]byte, error) {
+	if r, ok := v.(*pb.StatusResponse); ok && len(r.Jobs) == 1 && r.Jobs[0].Message == undecodableMessage {
+		// Field 1 (jobs), length 5, but only one byte follows.
+		return []byte{0x0a, 0x05, 0x0a}, nil
+	}
+	return c.Codec.Marshal(v)
+}
+
+func newGRPCServer(maxChunk int) *grpc.Server {
+	srv := grpc.NewServer()
+	pb.RegisterStepRunnerServer(srv, newServer(maxChunk))
+	return srv
+}
+
+func init() {
+	encoding.RegisterCodec(undecodableCodec{encoding.GetCodec("proto")})
+}
+
 func main() {
+	if len(os.Args) > 1 && os.Args[1] == "steps" {
+		os.Exit(steps(os.Args[2:]))
+	}
 	socket := flag.String("socket", "", "unix socket path to listen on")
 	maxChunk := flag.Int("max-chunk", 64<<10, "largest LOG_CHUNK a job may ask for")
 	flag.Parse()
@@ -206,15 +266,14 @@ func main() {
 	if err != nil {
 		log.Fatal(err)
 	}
-	srv := grpc.NewServer()
-	pb.RegisterStepRunnerServer(srv, newServer(*maxChunk))
+	srv := newGRPCServer(*maxChunk)
 	go func() {
 		sig := make(chan os.Signal, 1)
 		signal.Notify(sig, syscall.SIGTERM, syscall.SIGINT)
 		<-sig
 		srv.Stop()
 	}()
-	if err := srv.Serve(lis); err != nil {
+	if err := srv.Serve(lis); err != nil && !errors.Is(err, grpc.ErrServerStopped) {
 		log.Fatal(err)
 	}
 }
