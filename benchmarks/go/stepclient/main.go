@@ -11,7 +11,13 @@
 //	        FollowLogs throughput.
 //	jobs:   -concurrency workers run whole job lifecycles (a -log-bytes log in
 //	        -chunk byte messages, outcomes from a fixed mix) for -duration or until
-//	        -jobs jobs ran; reports jobs/s and the outcomes seen.
+//	        -jobs jobs ran; reports jobs/s and the client's own tally: outcomes,
+//	        jobs per scenario and calls per method and gRPC code.
+//
+// Routes: -socket dials the StepRunner socket itself. With -docker the client dials
+// as GitLab Runner's Docker executor does (docker.go): one exec of
+// `-helper steps proxy --socket -steps-socket` in -container per connection, through
+// the Docker Engine API socket -docker (the daemon's, or a tap's).
 package main
 
 import (
@@ -41,6 +47,7 @@ const callTimeout = 60 * time.Second
 
 type options struct {
 	socket      string
+	docker      *dockerDialer
 	mode        string
 	concurrency int
 	duration    time.Duration
@@ -52,21 +59,32 @@ type options struct {
 }
 
 // outcomeMix is the realistic spread of job outcomes, in jobs per 100, and what
-// Runner makes of each (SPEC section 3).
+// Runner makes of each; together the scenarios cover every row of SPEC section 3
+// that a job's own calls can produce (the stand-in server scripts each one).
 var outcomeMix = []struct {
 	scenario string
 	per100   int
 	result   string
 }{
-	{"success", 80, "success"},
+	{"success", 74, "success"},
 	{"step_failure", 10, "failed"},
 	{"internal", 3, "failed"},
 	{"timeout", 2, "failed"},
 	{"failure_noerror", 1, "failed"},
+	{"unknown_kind", 1, "failed"},
+	{"unrecognized_kind", 1, "failed"},
 	{"cancelled", 2, "cancelled"},
+	{"client_cancel", 1, "cancelled"},
 	{"panic_status", 1, "failed"},
+	{"undecodable_status", 1, "failed"},
 	{"unavailable_status", 1, "failed"},
+	{"unknown_code", 1, "failed"},
+	{"deadline", 1, "failed"},
 }
+
+// deadlineTimeout is the deadline of the deadline scenario's Status call, which the
+// server waits out.
+const deadlineTimeout = 50 * time.Millisecond
 
 var scenarioTable, resultTable = buildMix()
 
@@ -87,12 +105,15 @@ func buildMix() (scenarios, results [100]string) {
 	return scenarios, results
 }
 
-func dial(socket string) (*grpc.ClientConn, error) {
+func dial(o *options) (*grpc.ClientConn, error) {
+	if o.docker != nil {
+		return grpc.Dial("localhost", grpc.WithInsecure(), grpc.WithContextDialer(o.docker.DialContext))
+	}
 	return grpc.Dial("localhost",
 		grpc.WithInsecure(),
 		grpc.WithContextDialer(func(ctx context.Context, _ string) (net.Conn, error) {
 			var d net.Dialer
-			return d.DialContext(ctx, "unix", socket)
+			return d.DialContext(ctx, "unix", o.socket)
 		}))
 }
 
@@ -129,9 +150,22 @@ func call(f func(ctx context.Context) error) error {
 	return f(ctx)
 }
 
+// calls tallies a job's calls as "Method:Code", in grpc-go's code spellings.
+type calls map[string]int64
+
+func (t calls) add(method string, err error) error {
+	t[method+":"+status.Code(err).String()]++
+	return err
+}
+
 // followLogs reads the job's log to EOF and returns bytes and messages received.
 func followLogs(c pb.StepRunnerClient, id string) (int64, int64, error) {
-	stream, err := c.FollowLogs(context.Background(), &pb.FollowLogsRequest{Id: id})
+	return followLogsCtx(context.Background(), c, id, nil)
+}
+
+// followLogsCtx is followLogs, calling first (if not nil) after the first message.
+func followLogsCtx(ctx context.Context, c pb.StepRunnerClient, id string, first func()) (int64, int64, error) {
+	stream, err := c.FollowLogs(ctx, &pb.FollowLogsRequest{Id: id})
 	if err != nil {
 		return 0, 0, err
 	}
@@ -146,6 +180,9 @@ func followLogs(c pb.StepRunnerClient, id string) (int64, int64, error) {
 		}
 		n += int64(len(m.Data))
 		msgs++
+		if msgs == 1 && first != nil {
+			first()
+		}
 	}
 }
 
@@ -172,48 +209,66 @@ func resultOf(resp *pb.StatusResponse, err error) string {
 }
 
 // runJob runs one whole job lifecycle on its own connection and returns Runner's
-// verdict on it.
-func runJob(o *options, id string, scenario string) (string, error) {
-	conn, err := dial(o.socket)
+// verdict on it, tallying its calls in t.
+func runJob(o *options, id string, scenario string, t calls) (string, error) {
+	conn, err := dial(o)
 	if err != nil {
 		return "", err
 	}
 	defer conn.Close()
 	c := pb.NewStepRunnerClient(conn)
-	if err := call(func(ctx context.Context) error {
+	if err := t.add("Run", call(func(ctx context.Context) error {
 		_, err := c.Run(ctx, runRequest(id, scenario, o.logBytes, o.chunk))
 		return err
-	}); err != nil {
+	})); err != nil {
 		return "", fmt.Errorf("Run: %w", err)
 	}
 	if scenario == "cancelled" {
-		if err := call(func(ctx context.Context) error {
+		if err := t.add("Cancel", call(func(ctx context.Context) error {
 			_, err := c.Cancel(ctx, &pb.CancelRequest{Id: id})
 			return err
-		}); err != nil {
+		})); err != nil {
 			return "", fmt.Errorf("Cancel: %w", err)
 		}
 	}
+	if scenario == "client_cancel" {
+		// The user cancels while the log streams: Runner gives up on FollowLogs,
+		// which decides the job, and closes it.
+		ctx, cancel := context.WithCancel(context.Background())
+		_, msgs, err := followLogsCtx(ctx, c, id, cancel)
+		cancel()
+		if t.add("FollowLogs", err); status.Code(err) != codes.Canceled || msgs == 0 {
+			return "", fmt.Errorf("FollowLogs: want Canceled after a message, got %d messages, %v", msgs, err)
+		}
+		return "cancelled", closeJob(c, id, t)
+	}
 	n, _, err := followLogs(c, id)
-	if err != nil {
+	if t.add("FollowLogs", err) != nil {
 		return "", fmt.Errorf("FollowLogs: %w", err)
 	}
 	if n != o.logBytes {
 		return "", fmt.Errorf("FollowLogs: got %d bytes, want %d", n, o.logBytes)
 	}
+	timeout := callTimeout
+	if scenario == "deadline" {
+		timeout = deadlineTimeout
+	}
 	var resp *pb.StatusResponse
-	statusErr := call(func(ctx context.Context) error {
-		resp, err = c.Status(ctx, &pb.StatusRequest{Id: id})
-		return err
-	})
-	result := resultOf(resp, statusErr)
-	if err := call(func(ctx context.Context) error {
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	resp, statusErr := c.Status(ctx, &pb.StatusRequest{Id: id})
+	cancel()
+	result := resultOf(resp, t.add("Status", statusErr))
+	return result, closeJob(c, id, t)
+}
+
+func closeJob(c pb.StepRunnerClient, id string, t calls) error {
+	if err := t.add("Close", call(func(ctx context.Context) error {
 		_, err := c.Close(ctx, &pb.CloseRequest{Id: id})
 		return err
-	}); err != nil {
-		return "", fmt.Errorf("Close: %w", err)
+	})); err != nil {
+		return fmt.Errorf("Close: %w", err)
 	}
-	return result, nil
+	return nil
 }
 
 type jobsResult struct {
@@ -225,14 +280,22 @@ type jobsResult struct {
 	P50Ms       float64          `json:"p50_ms"`
 	P99Ms       float64          `json:"p99_ms"`
 	Outcomes    map[string]int64 `json:"outcomes"`
+	Scenarios   map[string]int64 `json:"scenarios"`
+	Calls       map[string]int64 `json:"calls"`
+	Execs       int64            `json:"execs"`
+	Refused     int64            `json:"refused_execs"`
 	Errors      int64            `json:"errors"`
 	FirstError  string           `json:"first_error,omitempty"`
+	Failed      map[string]int64 `json:"failed_scenarios,omitempty"`
 }
 
 func runJobs(o *options) (any, error) {
 	var next int64
 	var mu sync.Mutex
-	res := jobsResult{Mode: "jobs", Concurrency: o.concurrency, Outcomes: map[string]int64{}}
+	res := jobsResult{
+		Mode: "jobs", Concurrency: o.concurrency, Outcomes: map[string]int64{},
+		Scenarios: map[string]int64{}, Calls: map[string]int64{}, Failed: map[string]int64{},
+	}
 	var lat []time.Duration
 	start := time.Now()
 	deadline := start.Add(o.duration)
@@ -247,19 +310,28 @@ func runJobs(o *options) (any, error) {
 					return
 				}
 				t0 := time.Now()
-				result, err := runJob(o, strconv.FormatUint(o.idBase+uint64(i), 10), scenarioTable[i%100])
+				scenario := scenarioTable[i%100]
+				t := calls{}
+				result, err := runJob(o, strconv.FormatUint(o.idBase+uint64(i), 10), scenario, t)
 				d := time.Since(t0)
 				mu.Lock()
+				// Every call is tallied, also those of a job that went wrong: the
+				// sidecar saw them too.
+				for k, v := range t {
+					res.Calls[k] += v
+				}
 				if err == nil && result != resultTable[i%100] {
-					err = fmt.Errorf("job %d (%s): Runner would report %s", i, scenarioTable[i%100], result)
+					err = fmt.Errorf("job %d (%s): Runner would report %s", i, scenario, result)
 				}
 				if err != nil {
 					res.Errors++
+					res.Failed[scenario]++
 					if res.FirstError == "" {
 						res.FirstError = err.Error()
 					}
 				} else {
 					res.Outcomes[result]++
+					res.Scenarios[scenario]++
 					lat = append(lat, d)
 				}
 				mu.Unlock()
@@ -269,6 +341,9 @@ func runJobs(o *options) (any, error) {
 	wg.Wait()
 	res.Seconds = time.Since(start).Seconds()
 	res.Jobs = int64(len(lat))
+	if o.docker != nil {
+		res.Execs, res.Refused = atomic.LoadInt64(&o.docker.execs), atomic.LoadInt64(&o.docker.refused)
+	}
 	res.JobsPerS = float64(res.Jobs) / res.Seconds
 	ps := percentiles(lat, 0.5, 0.99)
 	res.P50Ms, res.P99Ms = ps[0]/1000, ps[1]/1000
@@ -289,7 +364,7 @@ type statusResult struct {
 // statusWorker runs one job, then calls Status on it until stop, keeping the
 // latencies of the calls that started at or after measureFrom.
 func statusWorker(o *options, id string, measureFrom, stop time.Time) ([]time.Duration, error) {
-	conn, err := dial(o.socket)
+	conn, err := dial(o)
 	if err != nil {
 		return nil, err
 	}
@@ -366,7 +441,7 @@ type logsResult struct {
 
 func runLogs(o *options) (any, error) {
 	id := strconv.FormatUint(o.idBase, 10)
-	conn, err := dial(o.socket)
+	conn, err := dial(o)
 	if err != nil {
 		return nil, err
 	}
@@ -429,10 +504,20 @@ func main() {
 	flag.Int64Var(&o.logBytes, "log-bytes", 4096, "log size per job")
 	flag.IntVar(&o.chunk, "chunk", 1024, "log bytes per FollowLogs message")
 	flag.Uint64Var(&o.idBase, "id-base", 1, "first job id; ids are unique per run")
+	dockerAPI := flag.String("docker", "", "Docker Engine API unix socket: dial through exec sessions")
+	container := flag.String("container", "", "build container whose main process is `steps serve` (-docker)")
+	stepsSocket := flag.String("steps-socket", "", "the socket `steps serve` reported (-docker)")
+	helper := flag.String("helper", "/usr/bin/gitlab-runner-helper", "helper binary in the container (-docker)")
+	apiVersion := flag.String("api-version", "1.41", "Docker Engine API version of the request paths (-docker)")
 	flag.Parse()
 	modes := map[string]func(*options) (any, error){"status": runStatus, "logs": runLogs, "jobs": runJobs}
 	run, ok := modes[o.mode]
-	if o.socket == "" || !ok || o.concurrency < 1 || o.chunk < 1 {
+	route := o.socket != ""
+	if *dockerAPI != "" {
+		route = !route && *container != "" && *stepsSocket != ""
+		o.docker = newDockerDialer(*dockerAPI, *container, *helper, *stepsSocket, *apiVersion, o.concurrency)
+	}
+	if !route || !ok || o.concurrency < 1 || o.chunk < 1 {
 		flag.Usage()
 		os.Exit(2)
 	}
