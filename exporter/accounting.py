@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import logging
 
-from .events import CallEnded, Method
+from .events import CallEnded, Method, ObserverSink
 from .logs import fields
 from .metrics import Metrics
-from .tracker import Decision, JobTracker
+from .tracker import Decision, JobContext, JobTracker
 
 log = logging.getLogger("exporter.jobs")
 
@@ -30,6 +30,10 @@ class Accounting:
         self.tracker = JobTracker(self, max_jobs=max_jobs, ttl=ttl)
         tracker = self.tracker
         metrics.tracked_jobs.set_function(lambda: len(tracker))
+
+    def bound(self, context: JobContext) -> ObserverSink:
+        """A sink for one connection whose jobs carry `context` into their log line."""
+        return _BoundSink(self, context)
 
     # ObserverSink
     def call_started(self, method: Method) -> None:
@@ -61,9 +65,35 @@ class Accounting:
                 category=failure.category if failure else "",
                 decided_by=decision.decided_by,
                 duration=decision.duration_seconds,
+                **dict(decision.context),
             ),
         )
 
     def job_evicted(self, upstream: str, job_id: str, reason: str) -> None:
         self.metrics.job_evicted()
         log.info("job forgotten before its outcome", extra=fields(job_id=job_id, reason=reason))
+
+
+class _BoundSink:
+    """The accounting as one connection's observer sees it, with that connection's
+    context attached to its calls."""
+
+    __slots__ = ("_accounting", "_context")
+
+    def __init__(self, accounting: Accounting, context: JobContext) -> None:
+        self._accounting = accounting
+        self._context = context
+
+    def call_started(self, method: Method) -> None:
+        self._accounting.metrics.call_started(method)
+
+    def call_ended(self, call: CallEnded) -> None:
+        accounting = self._accounting
+        accounting.metrics.call_ended(call)
+        accounting.tracker.call_ended(accounting.upstream, call, self._context)
+
+    def decode_error(self, message: str) -> None:
+        self._accounting.metrics.decode_error(message)
+
+    def unknown_fields(self, message: str) -> None:
+        self._accounting.metrics.unknown_field(message)

@@ -18,8 +18,9 @@ from .config import Address, Config, ConfigError
 from .errors import StartError
 from .logs import fields
 from .metrics import Metrics, labelled_registry, register_default_collectors
-from .observer import CLIENT_BLOCKS, SERVER_BLOCKS, ConnectionObserver
+from .observer import CLIENT_BLOCKS, SERVER_BLOCKS
 from .splice import Endpoint, Splice
+from .taps import TapParts, create_tap
 from .web import WebServer
 from .webconfig import check_basic_auth, load_web_config, ssl_context
 
@@ -82,6 +83,8 @@ class Sidecar:
             max_jobs=config.jobs.max_tracked,
             ttl=config.jobs.ttl,
         )
+        # What the listening socket speaks (SPEC section 7): it makes each connection's watcher.
+        self.tap = create_tap(config.tap, TapParts(config, self.accounting))
         self.exposed = labelled_registry(self.registry, dict(config.labels))
         self._want_web = web
         self.web: WebServer | None = None
@@ -93,24 +96,14 @@ class Sidecar:
     # -- SpliceEvents
     def upstream_state(self, reachable: bool) -> None:
         self.metrics.upstream_up.set(1 if reachable else 0)
+        state = "reachable" if reachable else "unreachable"
         log.info(
-            "step-runner reachable" if reachable else "step-runner unreachable",
-            extra=fields(upstream=str(self.config.upstream)),
+            f"{self.tap.upstream_name} {state}", extra=fields(upstream=str(self.config.upstream))
         )
 
     def connection_rejected(self) -> None:
         self.metrics.rejected_connections.inc()
         log.warning("connection limit reached; closing a new client connection")
-
-    def _observer(self) -> ConnectionObserver:
-        obs = self.config.observer
-        return ConnectionObserver(
-            self.accounting,
-            package=self.config.service_package,
-            max_message_bytes=obs.max_message_bytes,
-            max_connection_bytes=obs.max_connection_bytes,
-            deadline_tolerance=obs.deadline_tolerance,
-        )
 
     @property
     def ready(self) -> bool:
@@ -174,7 +167,7 @@ class Sidecar:
         self.splice = Splice(
             endpoint(cfg.listen),
             endpoint(cfg.upstream),
-            self._observer,
+            self.tap.watcher,
             self,
             socket_mode=cfg.socket.mode,
             socket_owner=_uid(cfg.socket.owner),

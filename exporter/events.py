@@ -152,4 +152,6 @@ DECODE_ERROR_MESSAGES: tuple[str, ...] = (
     "FollowLogsResponse",
     "grpc_frame",  # length prefix, compression, message over the size limit
     "http2",  # frame layer or HPACK: observation of that connection stops
+    "docker_http",  # docker tap: HTTP/1.1 it cannot follow, an exec create over its bound
+    "docker_stream",  # docker tap: a bad multiplexed (stdcopy) exec stream
 )

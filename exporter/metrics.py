@@ -78,6 +78,10 @@ def _metric(
 COUNTER, GAUGE, HISTOGRAM = MetricType.COUNTER, MetricType.GAUGE, MetricType.HISTOGRAM
 GRPC_LABELS = ("grpc_type", "grpc_service", "grpc_method")
 FAILURE_LABELS = ("failure_reason", "source", "kind", "category")
+# The docker tap's label values (SPEC section 7).
+DOCKER_METHODS = ("GET", "POST", "PUT", "DELETE", "HEAD", "other")
+DOCKER_ENDPOINTS = ("exec_create", "exec_start", "container", "image", "other")
+EXEC_SESSION_STATES = ("tapped", "not_step_runner")
 JOB_DURATION_BUCKETS = (1, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 10800, 21600)
 # go-grpc-prometheus uses Prometheus' default buckets; FollowLogs lasts as long as the
 # job, so longer buckets are added at the top.
@@ -160,6 +164,19 @@ REJECTED_CONNECTIONS = _metric(
     COUNTER,
     "Client connections closed at once because limits.max_connections were open.",
 )
+DOCKER_REQUESTS = _metric(
+    "step_runner_exporter_docker_requests_total",
+    COUNTER,
+    "Docker API requests forwarded by the docker tap, by method and endpoint.",
+    ("method", "endpoint"),
+)
+DOCKER_EXEC_SESSIONS = _metric(
+    "step_runner_exporter_docker_exec_sessions_total",
+    COUNTER,
+    "Exec sessions started through the docker tap: tapped (steps proxy) or not_step_runner.",
+    ("state",),
+)
+
 # The sidecar's own workings, beyond the SPEC: read from the memos at scrape time.
 HPACK_BLOCK_CACHE = _metric(
     "step_runner_exporter_hpack_block_cache_total",
@@ -310,6 +327,8 @@ class Metrics:
         self.tracked_jobs = self.gauge(TRACKED_JOBS)
         self.evicted_jobs = self.counter(EVICTED_JOBS)
         self.rejected_connections = self.counter(REJECTED_CONNECTIONS)
+        self.docker_requests = self.counter(DOCKER_REQUESTS)
+        self.docker_exec_sessions = self.counter(DOCKER_EXEC_SESSIONS)
 
         self.build_info.labels(version).set(1)
         # Every series a dashboard or alert reads exists at 0 from the start.
@@ -318,6 +337,12 @@ class Metrics:
         self._failures = {f: self.job_failures.labels(**f.labels()) for f in ALL_FAILURES}
         self._decode_errors = {m: self.decode_errors.labels(m) for m in DECODE_ERROR_MESSAGES}
         self._unknown_fields = {m: self.unknown_fields.labels(m) for m in DECODE_ERROR_MESSAGES}
+        self._docker_requests = {
+            (method, endpoint): self.docker_requests.labels(method, endpoint)
+            for method in DOCKER_METHODS
+            for endpoint in DOCKER_ENDPOINTS
+        }
+        self._exec_sessions = {s: self.docker_exec_sessions.labels(s) for s in EXEC_SESSION_STATES}
         self._methods: dict[Method, _MethodChildren] = {}
         self._services: set[str] = set()
         for method in (*known_methods(package or DEFAULT_PACKAGE), UNKNOWN_METHOD):
@@ -389,6 +414,13 @@ class Metrics:
 
     def job_evicted(self) -> None:
         self.evicted_jobs.inc()
+
+    def docker_request(self, method: str, endpoint: str) -> None:
+        """`method` and `endpoint` from DOCKER_METHODS and DOCKER_ENDPOINTS."""
+        self._docker_requests[method, endpoint].inc()
+
+    def docker_exec_session(self, state: str) -> None:
+        self._exec_sessions[state].inc()
 
 
 class _MethodChildren:

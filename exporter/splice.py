@@ -1,10 +1,10 @@
 """The byte splice: accept client connections, open one upstream connection for
 each, and copy bytes unchanged both ways with backpressure and half-closes.
 
-It knows nothing of HTTP/2 or gRPC. A `Tap` per connection gets a copy of each
-direction after the bytes were handed to the other side, so observing can never
-delay, reorder or alter forwarding; a tap that raises is disabled, never the
-connection.
+It knows nothing of HTTP/2 or gRPC. A `ConnectionWatcher` per connection gets a copy
+of each direction after the bytes were handed to the other side, so observing can
+never delay, reorder or alter forwarding; a watcher that raises is disabled, never
+the connection.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ log = logging.getLogger("exporter.splice")
 _CONNECT_BUFFER_LIMIT = 256 * 1024
 
 
-class Tap(Protocol):
+class ConnectionWatcher(Protocol):
     def client_data(self, data: bytes, now: float) -> None: ...
 
     def server_data(self, data: bytes, now: float) -> None: ...
@@ -109,7 +109,7 @@ class _Pair:
         self._loop = splice.loop
         self.client = _ClientSide(self, to_client=False)
         self.upstream = _UpstreamSide(self, to_client=True)
-        self._tap: Tap | None = splice.tap_factory()
+        self._tap: ConnectionWatcher | None = splice.watcher_factory()
         self._pending: list[bytes] | None = []  # client bytes read before upstream connected
         self._pending_size = 0
         # Two reasons to stop reading from the client, each cleared on its own: the
@@ -162,7 +162,7 @@ class _Pair:
         try:
             await self._splice.open_upstream(lambda: self.upstream)
         except OSError as exc:
-            log.warning("cannot reach step-runner: %s", exc)
+            log.warning("cannot reach the upstream %s: %s", self._splice.upstream_endpoint, exc)
             self._splice.upstream_reachable(False)
             # Close as a failed direct dial would: the client sees UNAVAILABLE. gRPC
             # clients wait for the server's SETTINGS before sending a call, so
@@ -289,7 +289,7 @@ class Splice:
         self,
         listen: Endpoint,
         upstream: Endpoint,
-        tap_factory: Callable[[], Tap | None],
+        watcher_factory: Callable[[], ConnectionWatcher | None],
         events: SpliceEvents | None = None,
         *,
         socket_mode: int = 0o660,
@@ -300,7 +300,7 @@ class Splice:
     ) -> None:
         self.listen = listen
         self.upstream_endpoint = upstream
-        self.tap_factory = tap_factory
+        self.watcher_factory = watcher_factory
         self._events = events
         self._socket_mode = socket_mode
         self._socket_owner = socket_owner

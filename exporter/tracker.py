@@ -26,6 +26,10 @@ from .classifier import (
 )
 from .events import CallEnded, JobStatus
 
+# What a tap knows of the connection a job's calls came through, as log fields
+# (the docker tap: container_id, exec_id); empty for the step-runner tap.
+JobContext = tuple[tuple[str, str], ...]
+
 
 @dataclass(frozen=True, slots=True)
 class Decision:
@@ -36,6 +40,7 @@ class Decision:
     outcome: Outcome
     decided_by: str  # "Status", "<Method>:<Code>", "Close", ...
     duration_seconds: float | None
+    context: JobContext = ()
 
 
 class DecisionSink(Protocol):
@@ -50,6 +55,7 @@ class _Job:
     decided: bool = False
     pending_running: bool = False  # last Status was running/unspecified without error
     closed: bool = False
+    context: JobContext = ()  # of the latest of its calls that came with one
 
 
 class JobTracker:
@@ -71,7 +77,7 @@ class JobTracker:
     def __len__(self) -> int:
         return len(self._jobs)
 
-    def call_ended(self, upstream: str, call: CallEnded) -> None:
+    def call_ended(self, upstream: str, call: CallEnded, context: JobContext = ()) -> None:
         job_id = call.job_id
         method = call.method.name
         # Only StepRunner calls that name a job belong to one; list-all Status
@@ -80,6 +86,8 @@ class JobTracker:
             return
         now = self._clock()
         job = self._touch(upstream, job_id, now)
+        if context:
+            job.context = context
         if not job.decided:
             self._observe(upstream, job_id, job, call)
         if method == "Close":
@@ -117,7 +125,7 @@ class JobTracker:
             job.pending_running = True
             return
         job.pending_running = False
-        self._decide(job, Decision(upstream, job_id, outcome, decided_by, duration))
+        self._decide(job, Decision(upstream, job_id, outcome, decided_by, duration, job.context))
 
     def _closed(self, upstream: str, job_id: str, job: _Job) -> None:
         job.closed = True
@@ -126,7 +134,7 @@ class JobTracker:
         if job.pending_running:
             outcome = classify(ClosedWhileRunning())
             assert outcome is not None
-            self._decide(job, Decision(upstream, job_id, outcome, "Close", None))
+            self._decide(job, Decision(upstream, job_id, outcome, "Close", None, job.context))
             return
         # Closed with no Status and no failed call: not a job we can account for.
         del self._jobs[(upstream, job_id)]
