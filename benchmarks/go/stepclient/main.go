@@ -56,6 +56,7 @@ type options struct {
 	logBytes    int64
 	chunk       int
 	idBase      uint64
+	scenario    string // every job's scenario instead of the mix (jobs)
 }
 
 // outcomeMix is the realistic spread of job outcomes, in jobs per 100, and what
@@ -87,6 +88,15 @@ var outcomeMix = []struct {
 const deadlineTimeout = 50 * time.Millisecond
 
 var scenarioTable, resultTable = buildMix()
+
+// scenarioResult is Runner's verdict per scenario.
+var scenarioResult = func() map[string]string {
+	m := map[string]string{}
+	for _, s := range outcomeMix {
+		m[s.scenario] = s.result
+	}
+	return m
+}()
 
 func buildMix() (scenarios, results [100]string) {
 	i := 0
@@ -310,7 +320,10 @@ func runJobs(o *options) (any, error) {
 					return
 				}
 				t0 := time.Now()
-				scenario := scenarioTable[i%100]
+				scenario, want := scenarioTable[i%100], resultTable[i%100]
+				if o.scenario != "" {
+					scenario, want = o.scenario, scenarioResult[o.scenario]
+				}
 				t := calls{}
 				result, err := runJob(o, strconv.FormatUint(o.idBase+uint64(i), 10), scenario, t)
 				d := time.Since(t0)
@@ -320,7 +333,7 @@ func runJobs(o *options) (any, error) {
 				for k, v := range t {
 					res.Calls[k] += v
 				}
-				if err == nil && result != resultTable[i%100] {
+				if err == nil && result != want {
 					err = fmt.Errorf("job %d (%s): Runner would report %s", i, scenario, result)
 				}
 				if err != nil {
@@ -504,6 +517,7 @@ func main() {
 	flag.Int64Var(&o.logBytes, "log-bytes", 4096, "log size per job")
 	flag.IntVar(&o.chunk, "chunk", 1024, "log bytes per FollowLogs message")
 	flag.Uint64Var(&o.idBase, "id-base", 1, "first job id; ids are unique per run")
+	flag.StringVar(&o.scenario, "scenario", "", "run every job as this scenario of the mix (jobs)")
 	dockerAPI := flag.String("docker", "", "Docker Engine API unix socket: dial through exec sessions")
 	container := flag.String("container", "", "build container whose main process is `steps serve` (-docker)")
 	stepsSocket := flag.String("steps-socket", "", "the socket `steps serve` reported (-docker)")
@@ -512,6 +526,9 @@ func main() {
 	flag.Parse()
 	modes := map[string]func(*options) (any, error){"status": runStatus, "logs": runLogs, "jobs": runJobs}
 	run, ok := modes[o.mode]
+	if _, known := scenarioResult[o.scenario]; o.scenario != "" && !known {
+		ok = false
+	}
 	route := o.socket != ""
 	if *dockerAPI != "" {
 		route = !route && *container != "" && *stepsSocket != ""
