@@ -17,6 +17,7 @@ import io
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -99,6 +100,19 @@ def env() -> Iterator[Env]:
 # --- helpers -------------------------------------------------------------------------
 
 
+def docker_clients() -> list[str]:
+    """Each distinct Docker CLI here. Debian's docker.io brings 20.10 (API 1.41, the
+    daemon's own); a newer CLI first in PATH negotiates its API version down to it."""
+    found: dict[str, str] = {}
+    for path in (shutil.which("docker"), "/usr/bin/docker"):
+        if path and os.path.exists(path):
+            found.setdefault(os.path.realpath(path), path)
+    return list(found.values())
+
+
+CLIENTS = docker_clients()
+
+
 def docker(
     env: Env,
     socket_path: str,
@@ -106,10 +120,11 @@ def docker(
     input: bytes | None = None,
     check: bool = True,
     timeout: float = 30.0,
+    client: str = "docker",
 ) -> subprocess.CompletedProcess[bytes]:
     """The Docker CLI against `socket_path` (the daemon's or the tap's), bytes in and out."""
     result = subprocess.run(
-        ["docker", "-H", env.host(socket_path), *args],
+        [client, "-H", env.host(socket_path), *args],
         input=input,
         capture_output=True,
         timeout=timeout,
@@ -229,13 +244,12 @@ class LineReader:
         for line in self._stream:
             self.lines.append(line)
 
-    def wait_for(self, line: bytes, what: str) -> None:
-        wait_until(lambda: line in self.lines, what=what)
-
 
 @contextlib.contextmanager
-def cli_process(env: Env, socket_path: str, *args: str) -> Iterator[subprocess.Popen[bytes]]:
-    argv = ["docker", "-H", env.host(socket_path), *args]
+def cli_process(
+    env: Env, socket_path: str, *args: str, client: str = "docker"
+) -> Iterator[subprocess.Popen[bytes]]:
+    argv = [client, "-H", env.host(socket_path), *args]
     proc = subprocess.Popen(
         argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
@@ -252,8 +266,9 @@ def cli_process(env: Env, socket_path: str, *args: str) -> Iterator[subprocess.P
 # --- the Docker CLI ------------------------------------------------------------------
 
 
-def test_version_negotiation_sees_the_daemon(env: Env) -> None:
-    direct, tapped = both(env, "version", "--format", "{{json .}}")
+@pytest.mark.parametrize("client", CLIENTS)
+def test_version_negotiation_sees_the_daemon(env: Env, client: str) -> None:
+    direct, tapped = both(env, "version", "--format", "{{json .}}", client=client)
     assert tapped.stdout == direct.stdout
     version = json.loads(direct.stdout)
     # The client negotiated down to the daemon's API version through the tap as direct.
@@ -331,9 +346,10 @@ def test_logs_follow_is_byte_equal(env: Env) -> None:
     assert len(raw["tap"].body) == 40 * 8 + len(direct.stdout) + len(direct.stderr)
 
 
-def test_run_attached_and_wait(env: Env) -> None:
+@pytest.mark.parametrize("client", CLIENTS)
+def test_run_attached_and_wait(env: Env, client: str) -> None:
     run = ("run", "--rm", "--network", "none", env.image, TOOL, "print", "3", "0", "5")
-    direct, tapped = both(env, *run, check=False)
+    direct, tapped = both(env, *run, check=False, client=client)
     assert (tapped.returncode, tapped.stdout, tapped.stderr) == (
         direct.returncode,
         direct.stdout,
@@ -344,19 +360,20 @@ def test_run_attached_and_wait(env: Env) -> None:
     assert tapped.stderr == b"err 1 of 3\nerr 2 of 3\nerr 3 of 3\n"
 
     cid = new_container(env, "exit", "7")
-    docker(env, env.tap, "start", cid)
-    direct_wait, tap_wait = both(env, "wait", cid)
+    docker(env, env.tap, "start", cid, client=client)
+    direct_wait, tap_wait = both(env, "wait", cid, client=client)
     assert tap_wait.stdout == direct_wait.stdout == b"7\n"
 
 
-def test_attach_carries_stdin_and_stdout(env: Env) -> None:
+@pytest.mark.parametrize("client", CLIENTS)
+def test_attach_carries_stdin_and_stdout(env: Env, client: str) -> None:
     seen: list[tuple[int, list[tuple[bytes, bytes]], bytes, bytes]] = []
     for socket_path in (env.direct, env.tap):
         cid = docker(
             env, env.direct, "run", "-d", "-i", "--network", "none", env.image, TOOL, "echo"
         ).stdout.decode()
         env.containers.append(cid.strip())
-        with cli_process(env, socket_path, "attach", cid.strip()) as proc:
+        with cli_process(env, socket_path, "attach", cid.strip(), client=client) as proc:
             assert proc.stdin is not None and proc.stdout is not None
             # A line comes back only once the attach carries stdin in and stdout out.
             assert proc.stderr is not None
@@ -400,13 +417,14 @@ def test_events_stream_the_same_sequence(env: Env) -> None:
         docker(env, env.direct, "stop", "-t", "5", cid)
         docker(env, env.direct, "rm", cid, probe)
 
-        def destroyed(reader: LineReader) -> bool:
-            return any(
-                json.loads(line)["Action"] == "destroy" and json.loads(line)["id"] == cid
-                for line in reader.lines
-            )
+        def destroyed(reader: LineReader) -> set[str]:
+            events = [json.loads(line) for line in list(reader.lines)]
+            return {e["id"] for e in events if e["Action"] == "destroy"}
 
-        wait_until(lambda: destroyed(direct) and destroyed(tapped), what="destroy events")
+        wait_until(
+            lambda: destroyed(direct) == destroyed(tapped) == {cid, probe},
+            what="both containers' destroy events in both streams",
+        )
     assert tapped.lines == direct.lines
     actions = [json.loads(line)["Action"] for line in tapped.lines]
     assert actions[0] == "create"
@@ -449,15 +467,16 @@ def test_export_and_import_through_the_tap(env: Env) -> None:
     assert tap_run.stdout == b"out 1 of 2\nout 2 of 2\n"
 
 
-def test_exec_with_stdin_is_not_a_step_runner_session(env: Env) -> None:
+@pytest.mark.parametrize("client", CLIENTS)
+def test_exec_with_stdin_is_not_a_step_runner_session(env: Env, client: str) -> None:
     cid = new_container(env, "sleep")
     docker(env, env.direct, "start", cid)
     before_requests, before_sessions = docker_requests(env), exec_sessions(env, "not_step_runner")
     payload = os.urandom(MIB)
-    direct, tapped = both(env, "exec", "-i", cid, TOOL, "cat", input=payload)
+    direct, tapped = both(env, "exec", "-i", cid, TOOL, "cat", input=payload, client=client)
     assert sha256(tapped.stdout) == sha256(direct.stdout) == sha256(payload)
     assert tapped.stderr == direct.stderr == b"%d bytes\n" % MIB
-    direct_code, tap_code = both(env, "exec", cid, TOOL, "exit", "3", check=False)
+    direct_code, tap_code = both(env, "exec", cid, TOOL, "exit", "3", check=False, client=client)
     assert tap_code.returncode == direct_code.returncode == 3
     execs_through_tap = 2
     requests = docker_requests(env) - before_requests
