@@ -19,7 +19,7 @@ import sys
 import threading
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -137,7 +137,7 @@ def env() -> Iterator[Env]:
 
 
 def client(
-    api: str, container: BuildContainer, id_base: int, timeout: float = 240, **flags: object
+    api: str, container: BuildContainer, id_base: int, **flags: object
 ) -> subprocess.Popen[str]:
     """The Go client on the Docker route, started; flags as for the client
     (log_bytes= for -log-bytes)."""
@@ -189,126 +189,116 @@ def expected_jobs(scenarios: dict[str, int]) -> tuple[Counter[str], Counter[tupl
 FAILURE_LABELS = ("failure_reason", "source", "kind", "category")
 
 
-def exported(samples: Samples) -> dict[str, Any]:
+@dataclass
+class Counted:
     """What the tap counted, in the shapes of the client's tally."""
-    jobs: Counter[str] = Counter()
-    failures: Counter[tuple[str, ...]] = Counter()
-    started: Counter[str] = Counter()
-    handled: Counter[tuple[str, str]] = Counter()
-    types: set[tuple[str, str, str]] = set()
+
+    jobs: Counter[str] = field(default_factory=Counter)
+    failures: Counter[tuple[str, ...]] = field(default_factory=Counter)
+    started: Counter[str] = field(default_factory=Counter)
+    handled: Counter[tuple[str, str]] = field(default_factory=Counter)
+    # (method, grpc_type, grpc_service) of every started call
+    types: set[tuple[str, str, str]] = field(default_factory=set)
+    sessions: Counter[str] = field(default_factory=Counter)  # by state
+    requests: Counter[tuple[str, str]] = field(default_factory=Counter)  # (method, endpoint)
+    decode_errors: Counter[str] = field(default_factory=Counter)
+    upstream_up: float = -1.0
+
+    def minus(self, before: Counted) -> Counted:
+        """Counter deltas since `before` (the label sets and the gauge as now)."""
+        return Counted(
+            self.jobs - before.jobs,
+            self.failures - before.failures,
+            self.started - before.started,
+            self.handled - before.handled,
+            self.types,
+            self.sessions - before.sessions,
+            self.requests - before.requests,
+            self.decode_errors - before.decode_errors,
+            self.upstream_up,
+        )
+
+
+def exported(samples: Samples) -> Counted:
+    c = Counted()
     for (name, labels), value in samples.items():
         label = dict(labels)
         n = int(value)
         if name == "step_runner_jobs_total":
-            jobs[label["result"]] += n
+            c.jobs[label["result"]] += n
         elif name == "step_runner_job_failures_total":
-            failures[tuple(label[k] for k in FAILURE_LABELS)] += n
+            c.failures[tuple(label[k] for k in FAILURE_LABELS)] += n
         elif name == "grpc_server_started_total" and n:
-            started[label["grpc_method"]] += n
-            types.add((label["grpc_method"], label["grpc_type"], label["grpc_service"]))
-        elif name == "grpc_server_handled_total" and n:
-            handled[(label["grpc_method"], label["grpc_code"])] += n
-    return {
-        "jobs": +jobs,
-        "failures": +failures,
-        "started": +started,
-        "handled": +handled,
-        "types": types,
-        "tapped": int(
-            samples.get(
-                ("step_runner_exporter_docker_exec_sessions_total", (("state", "tapped"),)), 0
-            )
-        ),
-        "not_step_runner": int(
-            samples.get(
-                (
-                    "step_runner_exporter_docker_exec_sessions_total",
-                    (("state", "not_step_runner"),),
-                ),
-                0,
-            )
-        ),
-        "undecodable": int(
-            samples.get(
-                ("step_runner_exporter_decode_errors_total", (("message", "StatusResponse"),)), 0
-            )
-        ),
-        "execs": {
-            endpoint: int(
-                samples.get(
-                    (
-                        "step_runner_exporter_docker_requests_total",
-                        (("endpoint", endpoint), ("method", "POST")),
-                    ),
-                    0,
-                )
-            )
-            for endpoint in ("exec_create", "exec_start")
-        },
-        "upstream_up": samples.get(("step_runner_exporter_upstream_up", ()), -1.0),
-    }
+            c.started[label["grpc_method"]] += n
+            c.types.add((label["grpc_method"], label["grpc_type"], label["grpc_service"]))
+        elif name == "grpc_server_handled_total":
+            c.handled[(label["grpc_method"], label["grpc_code"])] += n
+        elif name == "step_runner_exporter_docker_exec_sessions_total":
+            c.sessions[label["state"]] += n
+        elif name == "step_runner_exporter_docker_requests_total":
+            c.requests[(label["method"], label["endpoint"])] += n
+        elif name == "step_runner_exporter_decode_errors_total":
+            c.decode_errors[label["message"]] += n
+        elif name == "step_runner_exporter_upstream_up":
+            c.upstream_up = value
+    return c
 
 
-def minus(after: dict[str, Any], before: dict[str, Any]) -> dict[str, Any]:
-    """Counter deltas between two `exported` snapshots (gauges and label sets as after)."""
-    out = dict(after)
-    for key in ("jobs", "failures", "started", "handled"):
-        out[key] = after[key] - before[key]
-    for key in ("tapped", "not_step_runner", "undecodable"):
-        out[key] = after[key] - before[key]
-    out["execs"] = {k: v - before["execs"][k] for k, v in after["execs"].items()}
-    return out
+def counted(tap: Tap) -> Counted:
+    return exported(tap.samples())
 
 
-def assert_tally(delta: dict[str, Any], result: dict[str, Any]) -> None:
+def assert_tally(delta: Counted, result: dict[str, Any]) -> None:
     """Every counter of the tap equals the client's own tally of the same run."""
     jobs, failures = expected_jobs(result["scenarios"])
-    assert dict(delta["jobs"]) == dict(jobs) == {k: v for k, v in result["outcomes"].items() if v}
-    assert dict(delta["failures"]) == dict(failures)
+    assert +delta.jobs == jobs == Counter(result["outcomes"])
+    assert +delta.failures == failures
     calls = wire_calls(result)
-    assert dict(delta["handled"]) == dict(calls)
+    assert +delta.handled == calls
     per_method: Counter[str] = Counter()
     for (method, _), n in calls.items():
         per_method[method] += n
-    assert dict(delta["started"]) == dict(per_method)
+    assert +delta.started == per_method
     assert all(
-        service == SERVICE and kind == grpc_type(method) for method, kind, service in delta["types"]
-    ), delta["types"]
-    assert delta["tapped"] == result["execs"] == result["jobs"]
-    assert delta["not_step_runner"] == 0
-    assert delta["execs"] == {"exec_create": result["execs"], "exec_start": result["execs"]}
-    assert delta["undecodable"] == result["scenarios"].get("undecodable_status", 0)
+        service == SERVICE and kind == grpc_type(method) for method, kind, service in delta.types
+    ), delta.types
+    assert result["execs"] == result["jobs"]
+    assert +delta.sessions == Counter(tapped=result["execs"])
+    assert delta.requests[("POST", "exec_create")] == result["execs"]
+    assert delta.requests[("POST", "exec_start")] == result["execs"]
+    undecodable = result["scenarios"].get("undecodable_status", 0)
+    assert +delta.decode_errors == Counter(StatusResponse=undecodable)
 
 
-def settled(tap: Tap, before: dict[str, Any], jobs: int) -> dict[str, Any]:
+def settled(tap: Tap, before: Counted, jobs: int) -> Counted:
     """The tap's counters once it has classified `jobs` more jobs (a job's last bytes
     may reach the tap's observer just after the client saw them)."""
-    snapshot: dict[str, Any] = {}
+    snapshot: list[Counted] = []
 
     def done() -> bool:
-        snapshot.update(minus(exported(tap.samples()), before))
-        return sum(snapshot["jobs"].values()) >= jobs
+        snapshot.append(counted(tap).minus(before))
+        return snapshot[-1].jobs.total() >= jobs
 
     wait_until(done, timeout=20, what=f"{jobs} jobs counted")
-    return snapshot
+    return snapshot[-1]
 
 
 def test_jobs_through_the_tap_match_the_client_tally_and_the_direct_run(env: Env) -> None:
     container = start_build_container(env.daemon, env.image)
-    before = exported(env.tap.samples())
+    before = counted(env.tap)
     tapped = run_jobs(env.tap.socket, container, 1_000_000, jobs=JOBS, concurrency=CONCURRENCY)
     assert tapped["errors"] == 0, tapped.get("first_error")
     assert tapped["jobs"] == JOBS
     # The mix reaches every row of SPEC section 3 a job's own calls can produce.
     assert set(tapped["scenarios"]) == set(EXPECTED)
     assert_tally(settled(env.tap, before, JOBS), tapped)
-    assert exported(env.tap.samples())["upstream_up"] == 1
+    assert counted(env.tap).upstream_up == 1
 
     direct = run_jobs(env.daemon.socket, container, 1_000_000, jobs=JOBS, concurrency=CONCURRENCY)
     for key in ("jobs", "outcomes", "scenarios", "calls", "execs", "errors"):
         assert direct[key] == tapped[key], key
     # The direct run went around the tap.
-    assert sum(minus(exported(env.tap.samples()), before)["jobs"].values()) == JOBS
+    assert counted(env.tap).minus(before).jobs.total() == JOBS
 
 
 def test_build_container_killed_mid_job(env: Env) -> None:
@@ -316,7 +306,7 @@ def test_build_container_killed_mid_job(env: Env) -> None:
     in flight ends Unavailable for the client and for the tap, and each job counts as
     failed, grpc_status Unavailable."""
     container = start_build_container(env.daemon, env.image)
-    before = exported(env.tap.samples())
+    before = counted(env.tap)
     n = 4
     proc = client(
         env.tap.socket,
@@ -331,8 +321,7 @@ def test_build_container_killed_mid_job(env: Env) -> None:
     )
 
     def streaming() -> bool:
-        delta = minus(exported(env.tap.samples()), before)
-        return delta["started"].get("FollowLogs", 0) == n
+        return counted(env.tap).minus(before).started["FollowLogs"] == n
 
     wait_until(streaming, timeout=30, what="every job streaming its log")
     env.daemon.cli("kill", container.id)
@@ -340,10 +329,10 @@ def test_build_container_killed_mid_job(env: Env) -> None:
     assert result["errors"] == n and result["jobs"] == 0
     assert result["calls"] == {"Run:OK": n, "FollowLogs:Unavailable": n}
     delta = settled(env.tap, before, n)
-    assert dict(delta["jobs"]) == {"failed": n}
-    assert dict(delta["failures"]) == {grpc_status("Unavailable"): n}
-    assert dict(delta["handled"]) == {("Run", "OK"): n, ("FollowLogs", "Unavailable"): n}
-    assert delta["tapped"] == n
+    assert +delta.jobs == Counter(failed=n)
+    assert +delta.failures == Counter({grpc_status("Unavailable"): n})
+    assert +delta.handled == Counter({("Run", "OK"): n, ("FollowLogs", "Unavailable"): n})
+    assert +delta.sessions == Counter(tapped=n)
     assert env.tap.proc.poll() is None
     assert ping(env.tap.socket)
 
@@ -351,8 +340,8 @@ def test_build_container_killed_mid_job(env: Env) -> None:
 def test_daemon_restart_with_the_tap_running(env: Env) -> None:
     """The daemon goes away and comes back: the tap keeps serving, upstream_up drops
     while the daemon is down and returns, and jobs afterwards are counted as before."""
-    before = exported(env.tap.samples())
-    assert before["upstream_up"] == 1
+    before = counted(env.tap)
+    assert before.upstream_up == 1
     saw_down = threading.Event()
     restarting = threading.Thread(target=env.daemon.restart)
     restarting.start()
@@ -376,7 +365,7 @@ def test_daemon_restart_with_the_tap_running(env: Env) -> None:
     wait_until(lambda: env.tap.value("step_runner_exporter_upstream_up") == 1, what="upstream_up 1")
 
     container = start_build_container(env.daemon, env.image, host=f"unix://{env.tap.socket}")
-    before = exported(env.tap.samples())
+    before = counted(env.tap)
     result = run_jobs(env.tap.socket, container, 3_000_000, jobs=20, concurrency=4)
     assert result["errors"] == 0, result.get("first_error")
     assert_tally(settled(env.tap, before, 20), result)
