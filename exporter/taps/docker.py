@@ -189,7 +189,7 @@ class DockerConnection:
             return
         try:
             config = json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):  # deep nesting too: hostile, not a bug
             self._tap.decode_error("docker_http")
             return
         finally:
@@ -220,7 +220,7 @@ class DockerConnection:
             return
         try:
             answer = json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):  # deep nesting too: hostile, not a bug
             answer = None
         exec_id = answer.get("Id") if isinstance(answer, dict) else None
         if not isinstance(exec_id, str) or not _NAME.match(exec_id.encode()):

@@ -68,7 +68,6 @@ class HttpFollower:
         "_requests",
         "_response_body",
         "_responses",
-        "_unread",
     )
 
     def __init__(self, handler: HttpHandler) -> None:
@@ -78,8 +77,6 @@ class HttpFollower:
         self._request_body = False
         self._response_body = False
         self._method = b""
-        # Bytes received per direction since h11 last returned an event from them.
-        self._unread = [0, 0]
         self._done = False
 
     @property
@@ -88,33 +85,32 @@ class HttpFollower:
         return self._done
 
     def client_data(self, data: bytes, now: float) -> None:
-        self._receive(0, self._requests, data, now)
+        self._receive(self._requests, data, now)
 
     def server_data(self, data: bytes, now: float) -> None:
-        self._receive(1, self._responses, data, now)
+        self._receive(self._responses, data, now)
 
-    def _receive(self, side: int, conn: h11.Connection, data: bytes, now: float) -> None:
+    def _receive(self, conn: h11.Connection, data: bytes, now: float) -> None:
         if self._done or not data:
             return
         conn.receive_data(data)
-        self._unread[side] += len(data)
         try:
             while not self._done and (self._pump_requests(now) | self._pump_responses(now)):
                 pass
         except h11.ProtocolError as exc:
             raise HttpError(type(exc).__name__) from None
-        if not self._done and max(self._unread) > MAX_UNREAD:
-            raise HttpError("too many bytes sent out of turn")
 
     def _pump_requests(self, now: float) -> bool:
         conn, handler = self._requests, self._handler
         progressed = False
         while True:
             event = conn.next_event()
-            if event is h11.NEED_DATA or event is h11.PAUSED:
+            if event is h11.NEED_DATA:
+                return progressed
+            if event is h11.PAUSED:
+                _check_held(conn)
                 return progressed
             progressed = True
-            self._unread[0] = 0
             if isinstance(event, h11.Data):
                 if self._request_body:
                     handler.request_body(event.data)
@@ -141,10 +137,12 @@ class HttpFollower:
         progressed = False
         while True:
             event = conn.next_event()
-            if event is h11.NEED_DATA or event is h11.PAUSED:
+            if event is h11.NEED_DATA:
+                return progressed
+            if event is h11.PAUSED:
+                _check_held(conn)
                 return progressed
             progressed = True
-            self._unread[1] = 0
             if isinstance(event, h11.Data):
                 if self._response_body:
                     handler.response_body(event.data)
@@ -190,6 +188,12 @@ class HttpFollower:
         client_rest = requests.trailing_data[0]
         server_rest = self._responses.trailing_data[0]
         self._handler.switched(status, client_rest, server_rest, now)
+
+
+def _check_held(conn: h11.Connection) -> None:
+    # A paused direction's bytes wait in h11 until the other side has spoken.
+    if len(conn.trailing_data[0]) > MAX_UNREAD:
+        raise HttpError("too many bytes sent out of turn")
 
 
 def _without_framing(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
