@@ -558,9 +558,9 @@ def tar_of(name: str, data: bytes) -> bytes:
     return buffer.getvalue()
 
 
-def pipelined(socket_path: str, raw: bytes) -> bytes:
-    """Write every request at once and read until the daemon closes (the last request
-    says `Connection: close`); Date headers masked."""
+def until_closed(socket_path: str, raw: bytes) -> bytes:
+    """Write `raw` at once and read until the daemon closes (its last request says
+    `Connection: close`, or is HTTP/1.0); Date headers masked."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(30)
         sock.connect(socket_path)
@@ -661,11 +661,18 @@ def test_raw_http_is_byte_equal_and_counted(env: Env) -> None:
     raw = b"".join(
         f"{m} {p} HTTP/1.1\r\nHost: docker\r\n{extra}\r\n".encode() for m, p, extra in script
     )
-    direct_bytes, tap_bytes = pipelined(env.direct, raw), pipelined(env.tap, raw)
+    direct_bytes, tap_bytes = until_closed(env.direct, raw), until_closed(env.tap, raw)
     assert tap_bytes == direct_bytes
     assert direct_bytes.count(b"HTTP/1.1 ") == len(script)
     for method, path, _ in script:
         client.sent[(method, endpoint_class(method, path))] += 1
+
+    # HTTP/1.0, no Host: one request, then the daemon closes.
+    old = b"GET /_ping HTTP/1.0\r\n\r\n"
+    direct_bytes, tap_bytes = until_closed(env.direct, old), until_closed(env.tap, old)
+    assert tap_bytes == direct_bytes
+    assert direct_bytes.startswith(b"HTTP/1.0 200 OK\r\n")
+    client.sent[("GET", "other")] += 1
 
     counted = docker_requests(env) - before
     assert counted == client.sent
