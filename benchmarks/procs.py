@@ -13,7 +13,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -147,8 +147,11 @@ class Proxy:
     started: float  # time.monotonic() just before the process was started
 
 
-def launch_proxy(kind: str, workdir: Path, upstream: Path, tag: str) -> Proxy:
-    """Start without waiting: the caller decides how to wait (ready timing needs it)."""
+def launch_proxy(
+    kind: str, workdir: Path, upstream: Path, tag: str, extra: Sequence[str] = ()
+) -> Proxy:
+    """Start without waiting: the caller decides how to wait (ready timing needs it).
+    `extra`: more `serve` flags, such as `--tap=docker`."""
     sock = workdir / f"{tag}.sock"
     web = f"127.0.0.1:{free_port()}"
     log = workdir / f"{tag}.log"
@@ -158,6 +161,7 @@ def launch_proxy(kind: str, workdir: Path, upstream: Path, tag: str) -> Proxy:
         f"--listen=unix://{sock}",
         f"--upstream=unix://{upstream}",
         f"--web.listen-address={web}",
+        *extra,
     ]
     with log.open("wb") as out:
         started = time.monotonic()
@@ -182,8 +186,10 @@ def wait_ready(proxy: Proxy) -> float:
     return elapsed
 
 
-def start_proxy(kind: str, workdir: Path, upstream: Path, tag: str) -> Proxy:
-    proxy = launch_proxy(kind, workdir, upstream, tag)
+def start_proxy(
+    kind: str, workdir: Path, upstream: Path, tag: str, extra: Sequence[str] = ()
+) -> Proxy:
+    proxy = launch_proxy(kind, workdir, upstream, tag, extra)
     try:
         wait_ready(proxy)
     except BenchError:
@@ -192,12 +198,13 @@ def start_proxy(kind: str, workdir: Path, upstream: Path, tag: str) -> Proxy:
     return proxy
 
 
-def run_client(binaries: GoBinaries, sock: Path, **flags: object) -> dict[str, Any]:
-    """Run the Go client once; its flags as keyword arguments (log_bytes= for -log-bytes)."""
+def run_client(binaries: GoBinaries, **flags: object) -> dict[str, Any]:
+    """Run the Go client once; its flags as keyword arguments (log_bytes= for -log-bytes),
+    with the route among them (socket=, or docker= and the exec's flags)."""
     args = [f"-{k.replace('_', '-')}={v}" for k, v in flags.items()]
     try:
         done = subprocess.run(
-            [str(binaries.client), f"-socket={sock}", *args],
+            [str(binaries.client), *args],
             check=False,
             capture_output=True,
             text=True,

@@ -102,6 +102,17 @@ CHECKS: tuple[Check, ...] = (
         "/metrics render p50 (OpenMetrics)", "ms", 5, True, _get("metrics", "openmetrics", "p50_ms")
     ),
     Check("start to /-/ready (median)", "s", 1, True, _get("ready", "median_s")),
+    # Issue 9: the Docker route, direct to the daemon vs through the docker tap.
+    Check(
+        "Docker jobs/s c8 vs direct", "x", 0.9, False, _cmp("docker_jobs", "jobs_per_s", "ratio")
+    ),
+    Check(
+        "Docker FollowLogs 4 KiB vs direct",
+        "x",
+        0.9,
+        False,
+        _cmp("docker_logs_4k", "mb_per_s", "ratio"),
+    ),
 )
 
 
@@ -153,11 +164,16 @@ def client_table(results: Results) -> list[str]:
     lines = [head, "-" * len(head)]
     for name, bench in results["client"].items():
         first = True
-        for key, direct_entry in bench["compare"][others[0]].items():
+        # The Docker route compares the docker tap only.
+        present = [t for t in others if t in bench["compare"]]
+        for key, direct_entry in bench["compare"][present[0]].items():
             row = f"{name if first else '':<12} {direct_entry['unit']:<11}"
             row += f" {_fmt(direct_entry['direct']):>10}"
             for t in others:
-                entry = bench["compare"][t][key]
+                entry = bench["compare"].get(t, {}).get(key)
+                if entry is None:
+                    row += f" {'-':>10} {'-':>18}"
+                    continue
                 row += f" {_fmt(entry['value']):>10} {_versus(entry):>18}"
             lines.append(row)
             first = False

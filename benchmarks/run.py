@@ -6,9 +6,13 @@
 Builds the Go step-runner stand-in and client (cached), starts them, the sidecar and
 any comparison proxy, runs every selected measurement interleaved across the targets,
 prints a table and the issue's targets as PASS/MISS, and writes JSON (by default
-benchmarks/results/latest.json). Exit status: 0 when everything ran, whatever the
-PASS/MISS verdicts; 1 when a measurement failed or the sidecar's job counts disagree
-with the jobs run; 3 when the Go toolchain is missing (`make bench` installs it).
+benchmarks/results/latest.json). The `docker_*` measurements (issue 9) run the Docker
+route instead: a test dockerd, the sidecar as `serve --tap docker` in front of it, the
+client dialing through exec sessions (benchmarks/docker_route.py). Exit status: 0 when
+everything ran, whatever the PASS/MISS verdicts; 1 when a measurement failed or the
+sidecar's job counts disagree with the jobs run; 3 when the Go toolchain is missing
+(`make bench` installs it); 4 when a Docker measurement was asked for and no Docker
+daemon can run here.
 """
 
 from __future__ import annotations
@@ -30,11 +34,12 @@ from typing import Any
 if not __package__:  # run as `python benchmarks/run.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import build, measure, procs, report
+from benchmarks import build, docker_route, measure, procs, report
 
 DEFAULT_JSON = build.REPO / "benchmarks" / "results" / "latest.json"
 PROXIES = ("sidecar", "splice")
 EXIT_NO_TOOLCHAIN = 3
+EXIT_NO_DOCKER = 4
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -63,7 +68,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _all_names(profile: measure.Profile) -> list[str]:
-    return [b.name for b in measure.client_benches(profile)] + list(measure.OTHER_BENCHES)
+    return (
+        [b.name for b in measure.client_benches(profile)]
+        + list(measure.OTHER_BENCHES)
+        + docker_route.names(profile)
+    )
 
 
 def select(names: list[str], only: list[str]) -> list[str]:
@@ -166,7 +175,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="srb-", dir="/tmp"))
     upstream = workdir / "upstream.sock"
     ctx = measure.Context(binaries, workdir, upstream, profile, {}, _log)
-    failed = _measure(ctx, proxies, selected, results)
+    docker = [n for n in selected if n in docker_route.names(profile)]
+    failed = None
+    if len(docker) < len(selected):
+        failed = _measure(ctx, proxies, selected, results)
+    no_docker = False
+    if docker and not failed:
+        try:
+            docker_route.run(binaries, workdir, profile, docker, results, _log)
+        except docker_route.DockerUnavailableError as exc:
+            failed, no_docker = str(exc), True
+        except procs.BenchError as exc:
+            failed = str(exc)
 
     results["seconds"] = round(time.time() - started, 1)
     results["checks"] = report.evaluate(results)
@@ -182,7 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for proxy in ctx.proxies.values():
             _log(f"--- last lines of {proxy.log}:\n{procs.log_tail(proxy.log)}")
         _log(f"FAILED: {failed}\n(process logs kept in {workdir})")
-        return 1
+        return EXIT_NO_DOCKER if no_docker else 1
     shutil.rmtree(workdir, ignore_errors=True)
     return 0
 

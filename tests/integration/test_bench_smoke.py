@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import build
+from benchmarks import build, run
+from tests.integration.docker_daemon import unavailable
 
 pytestmark = pytest.mark.integration
 
@@ -76,3 +77,38 @@ def test_sidecar_is_not_grossly_slower_than_direct(tmp_path: Path) -> None:
     assert set(accounting["counted"]) == {"success", "failed", "cancelled"}
 
     assert results["ready"]["sidecar"]["max_s"] < MAX_READY_S
+
+
+# The Docker route (issue 9): a test dockerd, the docker tap in front of it, the Go
+# client dialing through one exec per job. The daemon's own work dominates that route.
+DOCKER_GUARDED = (("docker_jobs", "jobs_per_s"), ("docker_logs_4k", "mb_per_s"))
+# Fewer rounds than above: each job is an exec in the daemon, a round takes seconds.
+DOCKER_ROUNDS = 2
+
+
+def test_docker_tap_is_not_grossly_slower_than_direct(tmp_path: Path) -> None:
+    reason = _skip_reason()
+    if reason:
+        pytest.skip(reason)
+    out = tmp_path / "bench.json"
+    args = ["--quick", "--rounds", str(DOCKER_ROUNDS), "--only", "docker", "--json", str(out)]
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", *args],
+        cwd=build.REPO,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    if done.returncode == run.EXIT_NO_DOCKER:
+        unavailable(next(line for line in done.stderr.splitlines() if "FAILED" in line))
+    assert done.returncode == 0, f"benchmark failed:\n{done.stdout}\n{done.stderr}"
+    results = json.loads(out.read_text())
+    for bench, metric in DOCKER_GUARDED:
+        ratios = results["client"][bench]["compare"]["sidecar"][metric]["ratios"]
+        assert len(ratios) >= DOCKER_ROUNDS
+        assert max(ratios) >= MIN_RATIO, (
+            f"{bench} {metric}: tap/direct {ratios} in every round below {MIN_RATIO}"
+        )
+    accounting = results["accounting"]["sidecar (docker tap)"]
+    assert accounting["checked"] and accounting["match"], accounting
