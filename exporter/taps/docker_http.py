@@ -172,6 +172,9 @@ class HttpFollower:
                 handler.response_end(now)
                 self._requests.send(h11.EndOfMessage())
                 self._next_cycle()
+                # The next response may already be here, its request not yet read (a
+                # pipelining client): the request reader goes first.
+                return True
             else:
                 return progressed
 
