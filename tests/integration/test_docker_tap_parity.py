@@ -34,6 +34,8 @@ from typing import IO, Any, TypeVar
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from exporter.metrics import DOCKER_METHODS, MetricName
+
 from .docker_daemon import DockerDaemon, UnixHTTPConnection, docker_daemon
 from .docker_tools import TOOL, tools_image
 from .harness import short_tmpdir, stop_process, wait_until
@@ -220,16 +222,14 @@ def docker_requests(env: Env) -> Counter[tuple[str, str]]:
     """docker_requests_total by (method, endpoint)."""
     counts: Counter[tuple[str, str]] = Counter()
     for (name, labels), value in metrics(env).items():
-        if name == "step_runner_exporter_docker_requests_total":
+        if name == MetricName.DOCKER_REQUESTS:
             label = dict(labels)
             counts[(label["method"], label["endpoint"])] = int(value)
     return counts
 
 
 def exec_sessions(env: Env, state: str) -> float:
-    return metrics(env).get(
-        ("step_runner_exporter_docker_exec_sessions_total", (("state", state),)), 0.0
-    )
+    return metrics(env).get((MetricName.DOCKER_EXEC_SESSIONS, (("state", state),)), 0.0)
 
 
 class LineReader:
@@ -531,7 +531,7 @@ class RawClient:
             assert conn.sock is not None, "the daemon closed a keep-alive connection"
             # http.client reconnects silently; the same socket object proves it did not.
             assert self._sockets.setdefault(name, conn.sock) is conn.sock
-        self.sent[(method if method in {"GET", "POST", "PUT", "DELETE", "HEAD"} else "other",
+        self.sent[(method if method in DOCKER_METHODS else "other",
                    endpoint_class(method, paths[1]))] += 1  # fmt: skip
         return results[0], results[1]
 
@@ -688,14 +688,11 @@ def test_metrics_count_no_job_and_no_decode_error(env: Env) -> None:
     decode_errors = {
         dict(labels)["message"]: value
         for (name, labels), value in samples.items()
-        if name == "step_runner_exporter_decode_errors_total"
+        if name == MetricName.DECODE_ERRORS
     }
+    assert {"docker_http", "docker_stream"} <= decode_errors.keys()
     assert all(value == 0 for value in decode_errors.values()), decode_errors
-    jobs = {
-        labels: value
-        for (name, labels), value in samples.items()
-        if name == "step_runner_jobs_total"
-    }
+    jobs = {labels: value for (name, labels), value in samples.items() if name == MetricName.JOBS}
     assert all(value == 0 for value in jobs.values()), jobs
     assert exec_sessions(env, "tapped") == 0
     calls = [
@@ -704,8 +701,8 @@ def test_metrics_count_no_job_and_no_decode_error(env: Env) -> None:
         if n.startswith("grpc_server_") and not n.endswith("_created") and v != 0
     ]
     assert calls == []
-    assert samples[("step_runner_exporter_tracked_jobs", ())] == 0
-    assert samples[("step_runner_exporter_upstream_up", ())] == 1
+    assert samples[(MetricName.TRACKED_JOBS, ())] == 0
+    assert samples[(MetricName.UPSTREAM_UP, ())] == 1
     # Everything went through one tap, which saw it as Docker API traffic.
     assert docker_requests(env)[("GET", "container")] > 0
     assert not env.logs.find(r"Traceback|level=error"), "".join(env.logs.lines)
