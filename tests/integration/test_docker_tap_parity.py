@@ -61,6 +61,9 @@ class Env:
     image: str
     workdir: Path
     logs: LogReader
+    # Exec creates and exec sessions sent through the tap by the tests that ran.
+    exec_creates: int = 0
+    exec_sessions: int = 0
 
     @property
     def direct(self) -> str:
@@ -484,6 +487,8 @@ def test_exec_with_stdin_is_not_a_step_runner_session(env: Env, client: str) -> 
     direct_code, tap_code = both(env, "exec", cid, TOOL, "exit", "3", check=False, client=client)
     assert tap_code.returncode == direct_code.returncode == 3
     execs_through_tap = 2
+    env.exec_creates += execs_through_tap
+    env.exec_sessions += execs_through_tap
     requests = docker_requests(env) - before_requests
     assert requests[("POST", "exec_create")] == execs_through_tap
     assert requests[("POST", "exec_start")] == execs_through_tap
@@ -625,6 +630,7 @@ def test_raw_http_is_byte_equal_and_counted(env: Env) -> None:
         )  # fmt: skip
         assert [r.status for r in execs] == [201, 201]
         assert execs[1].header_names() == execs[0].header_names()
+        env.exec_creates += 2  # this one and the one for a missing container
 
         # An archive of a few MiB up (chunked) and down again.
         payload = os.urandom(4 * MIB + 1)
@@ -695,6 +701,11 @@ def test_metrics_count_no_job_and_no_decode_error(env: Env) -> None:
     jobs = {labels: value for (name, labels), value in samples.items() if name == MetricName.JOBS}
     assert all(value == 0 for value in jobs.values()), jobs
     assert exec_sessions(env, "tapped") == 0
+    # Every exec session was a `docker exec`; attach and run hijacks are none.
+    assert exec_sessions(env, "not_step_runner") == env.exec_sessions
+    requests = docker_requests(env)
+    assert requests[("POST", "exec_start")] == env.exec_sessions
+    assert requests[("POST", "exec_create")] == env.exec_creates
     calls = [
         n
         for (n, _), v in samples.items()
@@ -704,5 +715,5 @@ def test_metrics_count_no_job_and_no_decode_error(env: Env) -> None:
     assert samples[(MetricName.TRACKED_JOBS, ())] == 0
     assert samples[(MetricName.UPSTREAM_UP, ())] == 1
     # Everything went through one tap, which saw it as Docker API traffic.
-    assert docker_requests(env)[("GET", "container")] > 0
+    assert requests[("GET", "container")] > 0
     assert not env.logs.find(r"Traceback|level=error"), "".join(env.logs.lines)
