@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -73,6 +74,9 @@ EXPECTED: dict[str, tuple[str, tuple[str, ...] | None]] = {
     "deadline": ("failed", grpc_status("DeadlineExceeded")),
 }
 STREAMING = {"FollowLogs"}
+# The masked variable of every job's RunRequest (benchmarks/go/stepclient).
+SECRET = "not-a-real-secret"
+LOGFMT = re.compile(r'(\w+)=("[^"]*"|\S*)')
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -293,6 +297,17 @@ def test_jobs_through_the_tap_match_the_client_tally_and_the_direct_run(env: Env
     assert set(tapped["scenarios"]) == set(EXPECTED)
     assert_tally(settled(env.tap, before, JOBS), tapped)
     assert counted(env.tap).upstream_up == 1
+    # One log line per job, naming the container and the job's own exec session.
+    lines = [
+        dict(LOGFMT.findall(line))
+        for line in list(env.tap.logs.lines)
+        if 'msg="job classified"' in line and f"container_id={container.id}" in line
+    ]
+    assert sorted(int(line["job_id"]) for line in lines) == list(range(1_000_000, 1_000_000 + JOBS))
+    assert len({line["exec_id"] for line in lines}) == JOBS
+    # The jobs' masked variable went through the tap in every RunRequest, never out.
+    assert not any(SECRET in line for line in env.tap.logs.lines)
+    assert SECRET.encode() not in http_get(f"{env.tap.base}/metrics")[2]
 
     direct = run_jobs(env.daemon.socket, container, 1_000_000, jobs=JOBS, concurrency=CONCURRENCY)
     for key in ("jobs", "outcomes", "scenarios", "calls", "execs", "errors"):
