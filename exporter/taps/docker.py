@@ -141,13 +141,18 @@ class DockerConnection:
         try:
             self._http.client_data(data, now)
         except HttpError as exc:
-            self._unfollowable("docker_http", exc)
+            self._http_failed(exc)
 
     def _follow_server(self, data: bytes, now: float) -> None:
         try:
             self._http.server_data(data, now)
         except HttpError as exc:
-            self._unfollowable("docker_http", exc)
+            self._http_failed(exc)
+
+    def _http_failed(self, exc: HttpError) -> None:
+        if exc.unexpected:
+            log.warning("unexpected %s while following a Docker API connection", exc)
+        self._unfollowable("docker_http", exc)
 
     def _unfollowable(self, message: str, exc: Exception) -> None:
         # The exception names what failed, never the bytes (they may carry secrets).

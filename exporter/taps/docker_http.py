@@ -35,7 +35,16 @@ _FRAMING = frozenset({b"content-length", b"transfer-encoding"})
 
 
 class HttpError(Exception):
-    """The exchange cannot be followed; forwarding goes on, following stops."""
+    """The exchange cannot be followed; forwarding goes on, following stops.
+
+    Its text is the name of what failed, never a message about the bytes (h11 quotes
+    them, and headers or bodies may carry secrets). `unexpected` when it was not a
+    protocol error: h11 in a state it did not foresee, or a bug of ours.
+    """
+
+    def __init__(self, what: str, *, unexpected: bool = False) -> None:
+        super().__init__(what)
+        self.unexpected = unexpected
 
 
 class HttpHandler(Protocol):
@@ -99,6 +108,8 @@ class HttpFollower:
                 pass
         except h11.ProtocolError as exc:
             raise HttpError(type(exc).__name__) from None
+        except Exception as exc:
+            raise HttpError(type(exc).__name__, unexpected=True) from None
 
     def _pump_requests(self, now: float) -> bool:
         conn, handler = self._requests, self._handler

@@ -4,8 +4,9 @@ Each frame is an 8-byte header (stream: 0 stdin, 1 stdout, 2 stderr, 3 the daemo
 own error; three zero bytes; a big-endian uint32 payload length) and its payload. The
 daemon cuts stdout into frames of up to 32 KiB wherever its copy buffer ends, so an
 HTTP/2 frame of the session may straddle any number of them: stdout payloads are
-handed on as one continuous byte stream, as memoryview slices of the chunks the splice
-read (no copies), and every other stream is dropped.
+handed on as one continuous byte stream, one piece per chunk the splice read: a
+memoryview slice of it when the chunk holds one stdout payload (no copy), the payloads
+joined when it holds several; every other stream is dropped.
 """
 
 from __future__ import annotations
@@ -51,16 +52,29 @@ class StdcopyDemultiplexer:
             self._on_error(exc)
 
     def _feed(self, data: bytes, now: float) -> None:
-        mv = memoryview(data)
+        pieces: list[memoryview] = []
+        try:
+            self._split(memoryview(data), pieces)
+        finally:
+            # What came before bad bytes is handed on too: it was stdout.
+            if len(pieces) == 1:
+                self._out(pieces[0], now)
+            elif pieces:
+                # One read holding several frames (the daemon writes 32 KiB frames, the
+                # splice reads up to 256 KiB): one joined piece costs a copy, but every
+                # piece boundary cuts an HTTP/2 frame that the observer must reassemble,
+                # which costs more.
+                self._out(memoryview(b"".join(pieces)), now)
+
+    def _split(self, mv: memoryview, pieces: list[memoryview]) -> None:
         end = len(mv)
         pos = 0
         remaining = self._remaining
-        out = self._out
         while pos < end:
             if remaining:
                 stop = pos + remaining if end - pos > remaining else end
                 if self._stdout:
-                    out(mv[pos:stop], now)
+                    pieces.append(mv[pos:stop])
                 remaining -= stop - pos
                 pos = stop
                 continue

@@ -300,3 +300,20 @@ def test_random_splits_of_a_keep_alive_exchange(sizes: list[int]) -> None:
     h = follow(pieces)
     assert h.events == KEEP_ALIVE_EVENTS
     assert h.request_bodies[2] == CREATE_BODY
+
+
+def test_pipelined_requests_and_their_responses_in_one_read_each() -> None:
+    h = follow([(0, PING + INSPECT + PING), (1, PONG + CHUNKED + PONG)])
+    assert [e for e, _ in h.events] == ["request", "request_end", "response", "response_end"] * 3
+    assert h.response_bodies == [b"", b'{"Id":"abc"}', b""]
+
+
+def test_an_error_that_is_not_a_protocol_error_is_reported_as_unexpected() -> None:
+    class Broken(Handler):
+        def request(self, method: bytes, target: bytes, now: float) -> bool:
+            raise KeyError("a bug")
+
+    follower = HttpFollower(Broken())
+    with pytest.raises(HttpError) as caught:
+        follower.client_data(PING, 0.0)
+    assert caught.value.unexpected and str(caught.value) == "KeyError"
