@@ -89,12 +89,13 @@ def env() -> Iterator[Env]:
         try:
             wait_until(
                 lambda: logs.find(r"web=127\.0\.0\.1:(\d+)") is not None or proc.poll() is not None,
+                timeout=30,
                 what="the tap to listen",
             )
             match = logs.find(r"web=127\.0\.0\.1:(\d+)")
             assert match is not None, f"the tap did not start: {''.join(logs.lines)}"
             base = f"http://127.0.0.1:{match.group(1)}"
-            wait_until(lambda: http_get(f"{base}/-/ready")[0] == 200, what="the tap ready")
+            wait_until(lambda: http_get(f"{base}/-/ready")[0] == 200, 30, "the tap ready")
             yield Env(daemon, tap, f"{base}/metrics", image, Path(directory), logs)
             stop_process(proc)
             assert proc.returncode == 0, "".join(logs.lines)
@@ -406,35 +407,44 @@ def test_attach_carries_stdin_and_stdout(env: Env, client: str) -> None:
 def test_events_stream_the_same_sequence(env: Env) -> None:
     label = f"srx-events={uuid.uuid4().hex}"
     events = ("events", "--filter", f"label={label}", "--format", "{{json .}}")
+    probes: list[str] = []
     with (
         cli_process(env, env.direct, *events) as direct_proc,
         cli_process(env, env.tap, *events) as tap_proc,
     ):
         assert direct_proc.stdout is not None and tap_proc.stdout is not None
         direct, tapped = LineReader(direct_proc.stdout), LineReader(tap_proc.stdout)
-        # A probe container proves both subscriptions are live before the sequence.
-        probe = new_container(env, "exit", "0", label=label)
-        wait_until(lambda: len(direct.lines) >= 1 and len(tapped.lines) >= 1, what="probe")
+        # Both subscriptions are live once each stream has shown a probe's create: a
+        # CLI that has not subscribed yet misses an event, so probe until both have one.
+        deadline = time.monotonic() + 30
+        while not (direct.lines and tapped.lines):
+            assert time.monotonic() < deadline, "no event stream came up in 30 s"
+            probes.append(new_container(env, "exit", "0", label=label))
+            with contextlib.suppress(AssertionError):
+                wait_until(lambda: bool(direct.lines and tapped.lines), 1.0, "a probe event")
         cid = new_container(env, "sleep", label=label)
         docker(env, env.direct, "start", cid)
         docker(env, env.direct, "stop", "-t", "5", cid)
-        # One at a time: the daemon may hand two concurrent events (the CLI removes
-        # several containers in parallel) to two subscribers in different orders.
         docker(env, env.direct, "rm", cid)
-        docker(env, env.direct, "rm", probe)
 
-        def destroyed(reader: LineReader) -> set[str]:
-            events = [json.loads(line) for line in list(reader.lines)]
-            return {e["id"] for e in events if e["Action"] == "destroy"}
+        def sequence(reader: LineReader) -> list[bytes]:
+            return [line for line in list(reader.lines) if json.loads(line)["id"] == cid]
+
+        def destroyed(reader: LineReader) -> bool:
+            return any(json.loads(line)["Action"] == "destroy" for line in sequence(reader))
 
         wait_until(
-            lambda: destroyed(direct) == destroyed(tapped) == {cid, probe},
-            what="both containers' destroy events in both streams",
+            lambda: destroyed(direct) and destroyed(tapped), what="destroy events in both streams"
         )
-    assert tapped.lines == direct.lines
-    actions = [json.loads(line)["Action"] for line in tapped.lines]
+    assert sequence(tapped) == sequence(direct)
+    # The rest of each stream is probe creates from before the sequence began.
+    for reader in (direct, tapped):
+        assert reader.lines[-len(sequence(reader)) :] == sequence(reader)
+    actions = [json.loads(line)["Action"] for line in sequence(tapped)]
     assert actions[0] == "create"
-    assert {"create", "start", "kill", "die", "stop", "destroy"} <= set(actions)
+    assert actions[-1] == "destroy"
+    assert {"start", "kill", "die", "stop"} <= set(actions)
+    docker(env, env.direct, "rm", *probes)
 
 
 def test_cp_a_few_mib_both_ways(env: Env) -> None:
