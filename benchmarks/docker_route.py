@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +58,9 @@ class DockerContext(measure.Context):
 
     container: str = ""
     steps_socket: str = ""
+    daemon_pid: int = 0
+    # CPU seconds spent per job run, by target: (tap, dockerd and containerd, jobs).
+    cpu: dict[str, list[tuple[float, float, int]]] = field(default_factory=dict)
 
     def route(self, target: str) -> dict[str, object]:
         return {
@@ -65,6 +68,32 @@ class DockerContext(measure.Context):
             "container": self.container,
             "steps_socket": self.steps_socket,
         }
+
+    def client(self, target: str, **flags: object) -> dict[str, Any]:
+        if flags.get("mode") != "jobs":
+            return super().client(target, **flags)
+        tap_pid = self.proxies[TAP].proc.pid
+        tap0, daemon0 = procs.cpu_seconds(tap_pid), procs.cpu_seconds(self.daemon_pid)
+        result = super().client(target, **flags)
+        tap1, daemon1 = procs.cpu_seconds(tap_pid), procs.cpu_seconds(self.daemon_pid)
+        self.cpu.setdefault(target, []).append((tap1 - tap0, daemon1 - daemon0, result["jobs"]))
+        return result
+
+
+def cpu_per_job(ctx: DockerContext) -> dict[str, Any]:
+    """Microseconds of CPU per job of the jobs runs: the tap's on its own runs, and the
+    daemon's (dockerd and its containerd; the shims and runc run outside that tree)
+    on each route."""
+    out: dict[str, Any] = {}
+    for target, runs in ctx.cpu.items():
+        jobs = sum(n for _, _, n in runs) or 1
+        out[target] = {
+            "jobs": jobs,
+            "daemon_cpu_us_per_job": sum(d for _, d, _ in runs) / jobs * 1e6,
+        }
+        if target == TAP:
+            out[target]["tap_cpu_us_per_job"] = sum(t for t, _, _ in runs) / jobs * 1e6
+    return out
 
 
 class DockerUnavailableError(procs.BenchError):
@@ -108,9 +137,12 @@ def run(
             log,
             container=container.id,
             steps_socket=container.socket,
+            daemon_pid=int(Path(daemon.dir, "dockerd.pid").read_text()),
         )
         for bench in benches(profile):
             if bench.name in selected:
                 log(f"{bench.name} ...")
                 results["client"][bench.name] = measure.run_client_bench(ctx, bench)
         results["accounting"][f"{TAP} (docker tap)"] = measure.check_accounting(ctx, TAP)
+        if ctx.cpu:
+            results["docker_cpu"] = cpu_per_job(ctx)

@@ -202,6 +202,16 @@ def other_lines(results: Results) -> list[str]:
             f"{t}: start to /-/ready {r['median_s'] * 1000:.0f} ms median, "
             f"{r['max_s'] * 1000:.0f} ms max over {r['starts']} starts"
         )
+    cpu = results.get("docker_cpu", {})
+    if cpu:
+        tap = next((r for r in cpu.values() if "tap_cpu_us_per_job" in r), None)
+        line = "docker route CPU per job:"
+        if tap is not None:
+            line += f" tap {tap['tap_cpu_us_per_job']:,.0f} us;"
+        line += " dockerd+containerd " + ", ".join(
+            f"{r['daemon_cpu_us_per_job']:,.0f} us ({t})" for t, r in cpu.items()
+        )
+        lines.append(line)
     for t, a in results.get("accounting", {}).items():
         if not a["checked"]:
             lines.append(f"{t}: exports no step_runner_jobs_total; accounting not checked")
