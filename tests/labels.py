@@ -10,7 +10,7 @@ from exporter.events import (
     STEP_RUNNER_METHODS,
     UNKNOWN_LABEL,
 )
-from exporter.metrics import MEMO_RESULTS
+from exporter.metrics import DOCKER_ENDPOINTS, DOCKER_METHODS, EXEC_SESSION_STATES, MEMO_RESULTS
 
 SERVICE = "proto.StepRunner"
 
@@ -25,4 +25,7 @@ ALLOWED: dict[str, frozenset[str]] = {
     "grpc_method": frozenset({*STEP_RUNNER_METHODS, UNKNOWN_LABEL}),
     "grpc_code": frozenset(GO_CODE_NAMES.values()),
     "message": frozenset(DECODE_ERROR_MESSAGES),
+    "method": frozenset(DOCKER_METHODS),
+    "endpoint": frozenset(DOCKER_ENDPOINTS),
+    "state": frozenset(EXEC_SESSION_STATES),
 }

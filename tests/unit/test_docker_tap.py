@@ -99,13 +99,6 @@ def test_every_tap_the_config_accepts_is_registered() -> None:
     assert set(TAPS) == set(CONFIG_TAPS)
 
 
-def test_a_step_runner_sidecar_has_no_docker_series() -> None:
-    config = Config(listen=Address.unix("/tmp/a.sock"), upstream=Address.unix("/tmp/b.sock"))
-    car = Sidecar(config, CollectorRegistry(), web=False, process_metrics=False)
-    assert car.tap.upstream_name == "step-runner"
-    assert b"docker_requests" not in generate_latest(car.registry)
-
-
 # -- real Docker CLI traffic -----------------------------------------------------------
 
 
