@@ -53,7 +53,12 @@ def dump(recording: Recording, path: Path) -> None:
 
 
 def load(name: str) -> Recording:
-    body = json.loads((FIXTURES / f"{name}.json").read_text())
+    """A committed recording, by name."""
+    return read(FIXTURES / f"{name}.json")
+
+
+def read(path: Path) -> Recording:
+    body = json.loads(path.read_text())
     chunks = tuple(
         Chunk(conn, direction, t, base64.b64decode(data))
         for conn, direction, t, data in body["records"]
