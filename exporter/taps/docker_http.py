@@ -30,7 +30,9 @@ MAX_UNREAD = 256 * 1024
 # The request reader's states for the client once its request has ended.
 _REQUEST_ENDED = (h11.DONE, h11.MUST_CLOSE, h11._state.MIGHT_SWITCH_PROTOCOL)
 
-# Framing of a mirrored message is h11's own business.
+# A mirrored request carries only what h11 needs to read its response (HEAD is in the
+# method): the rest would only be validated again. Its framing is h11's own business.
+_MIRRORED = frozenset({b"host", b"connection", b"upgrade", b"expect"})
 _FRAMING = frozenset({b"content-length", b"transfer-encoding"})
 
 
@@ -103,9 +105,20 @@ class HttpFollower:
         if self._done or not data:
             return
         conn.receive_data(data)
+        pump, other = (
+            (self._pump_requests, self._pump_responses)
+            if conn is self._requests
+            else (self._pump_responses, self._pump_requests)
+        )
         try:
-            while not self._done and (self._pump_requests(now) | self._pump_responses(now)):
-                pass
+            # Each pump reads its direction until it must wait (or hands over at the end
+            # of a response); what one read can only unblock the other (a request its
+            # response, a response the next request), so they take turns until neither
+            # moves. New bytes that moved nothing changed nothing.
+            quiet = 0 if pump(now) else 2
+            while quiet < 2 and not self._done:
+                pump, other = other, pump
+                quiet = 0 if pump(now) else quiet + 1
         except h11.ProtocolError as exc:
             raise HttpError(type(exc).__name__) from None
         except Exception as exc:
@@ -128,7 +141,7 @@ class HttpFollower:
             elif isinstance(event, h11.Request):
                 self._method = event.method
                 self._request_body = handler.request(event.method, event.target, now)
-                headers = _without_framing(event.headers)
+                headers = _mirrored(event.headers)
                 if event.http_version != b"1.1":
                     headers.append((b"connection", b"close"))  # HTTP/1.0 does not keep alive
                     if not any(name == b"host" for name, _ in headers):
@@ -210,8 +223,8 @@ def _check_held(conn: h11.Connection) -> None:
         raise HttpError("too many bytes sent out of turn")
 
 
-def _without_framing(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-    return [(name, value) for name, value in headers if name not in _FRAMING]
+def _mirrored(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    return [(name, value) for name, value in headers if name in _MIRRORED]
 
 
 def _has_token(headers: Iterable[tuple[bytes, bytes]], name: bytes, token: bytes) -> bool:
