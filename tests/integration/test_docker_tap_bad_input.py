@@ -2,7 +2,8 @@
 each one is sent once straight to the daemon and once through the tap, and the client
 must get the same answer (or the same close); the tap counts what it saw, keeps
 serving, and never writes a secret from a body into its log (at debug level) or into
-/metrics."""
+/metrics. Also here, on the same daemon and tap: the `200` hijack of an exec start that
+asked for no upgrade."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import contextlib
 import json
 import re
 import socket
+import struct
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -17,9 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from hpack import Encoder
 from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks import build
+from exporter.proto import step_pb2
+from tests.wire import frame, grpc_message, request_headers
 
 from .docker_daemon import DockerDaemon, docker_daemon, ping
 from .docker_images import BuildContainer, proxy_cmd, start_build_container, step_runner_image
@@ -33,6 +38,10 @@ COMMAND = str(Path(sys.executable).with_name("step-runner-exporter"))
 SECRET = "tok3n-9d1c0b7e-never-logged"
 MAX_BODY = 64 * 1024
 TEN_MIB = 10 * 1024 * 1024
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+STATUS_PATH = "/proto.StepRunner/Status"
+DATA, HEADERS, SETTINGS = 0x0, 0x1, 0x4
+END_STREAM, END_HEADERS = 0x1, 0x4
 
 
 @dataclass
@@ -360,3 +369,79 @@ def test_secrets_in_container_and_exec_create_bodies_stay_out_of_logs_and_metric
     assert SECRET not in env.tap.metrics_text()
     assert SECRET not in "".join(env.tap.logs.lines)  # so far; the fixture checks them all
     still_serving(env)
+
+
+def test_a_start_without_upgrade_is_hijacked_with_200_and_tapped(env: Env) -> None:
+    """An older client's exec start (no `Upgrade: tcp`): the daemon answers `200 OK` and
+    hijacks the connection; through the tap the session is tapped all the same, and a
+    gRPC call over it is counted."""
+    labels = {
+        "grpc_type": "unary",
+        "grpc_service": "proto.StepRunner",
+        "grpc_method": "Status",
+        "grpc_code": "NotFound",
+    }
+    before = (sessions(env, "tapped"), env.tap.value("grpc_server_handled_total", **labels))
+    exec_id = create_exec(env, env.tap.socket, proxy_cmd(env.container.socket))
+    status = step_pb2.StatusRequest(id="no-such-job").SerializeToString()
+    call = (
+        PREFACE
+        + frame(SETTINGS, 0, 0)
+        + frame(HEADERS, END_HEADERS, 1, Encoder().encode(request_headers(STATUS_PATH)))
+        + frame(DATA, END_STREAM, 1, grpc_message(status))
+    )
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(20)
+        sock.connect(env.tap.socket)
+        start = request("POST", f"/v1.24/exec/{exec_id}/start", b'{"Detach":false}', "")
+        sock.sendall(start)
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += sock.recv(1)
+        assert head.startswith(b"HTTP/1.1 200 OK\r\n"), head
+        assert b"Content-Length" not in head and b"Transfer-Encoding" not in head
+        sock.sendall(call)
+        stdout = StdoutReader(sock)
+        while not stdout.trailers_of(1):
+            stdout.read()
+        sock.shutdown(socket.SHUT_WR)
+    assert sessions(env, "tapped") == before[0] + 1
+    wait_until(
+        lambda: env.tap.value("grpc_server_handled_total", **labels) == before[1] + 1,
+        what="the Status call counted NotFound",
+    )
+    still_serving(env)
+
+
+class StdoutReader:
+    """The daemon's side of a hijacked exec: stdcopy frames, stdout kept, and the HTTP/2
+    frames it carries."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._raw = b""
+        self.stdout = b""
+
+    def read(self) -> None:
+        chunk = self._sock.recv(65536)
+        if not chunk:
+            raise AssertionError(f"the session ended; stdout so far {self.stdout!r}")
+        self._raw += chunk
+        while len(self._raw) >= 8:
+            stream, size = struct.unpack_from(">BxxxI", self._raw)
+            if len(self._raw) < 8 + size:
+                return
+            if stream == 1:
+                self.stdout += self._raw[8 : 8 + size]
+            self._raw = self._raw[8 + size :]
+
+    def trailers_of(self, stream_id: int) -> bool:
+        pos, data = 0, self.stdout
+        while pos + 9 <= len(data):
+            length = int.from_bytes(data[pos : pos + 3], "big")
+            ftype, flags = data[pos + 3], data[pos + 4]
+            sid = int.from_bytes(data[pos + 5 : pos + 9], "big") & 0x7FFFFFFF
+            if ftype == HEADERS and flags & END_STREAM and sid == stream_id:
+                return True
+            pos += 9 + length
+        return False
