@@ -126,8 +126,8 @@ class DockerConnection:
         self._tap = tap
         self._http = HttpFollower(self)
         self._route = Route("other", "other")
-        # An exec create in flight: (container id, its body so far or None when over the
-        # bound) while the request comes, then what it asked for.
+        # An exec create in flight: its request body so far (None when not wanted or
+        # over the bound), then what it asked for; the same for its answer.
         self._create_body: bytearray | None = None
         self._create: MarkedExec | None = None  # a steps-proxy create (exec id still "")
         self._response_body: bytearray | None = None
