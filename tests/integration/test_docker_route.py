@@ -33,7 +33,7 @@ from .docker_daemon import DockerDaemon, docker_daemon, ping
 from .docker_images import BuildContainer, start_build_container, step_runner_image
 from .harness import short_tmpdir, stop_process, wait_until
 from .sidecar import http_get
-from .test_serve_process import LogReader
+from .stderr_lines import LogReader
 
 pytestmark = pytest.mark.integration
 

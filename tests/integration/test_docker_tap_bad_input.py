@@ -30,7 +30,7 @@ from .docker_daemon import DockerDaemon, docker_daemon, ping
 from .docker_images import BuildContainer, proxy_cmd, start_build_container, step_runner_image
 from .harness import short_tmpdir, stop_process, wait_until
 from .sidecar import http_get
-from .test_serve_process import LogReader
+from .stderr_lines import LogReader
 
 pytestmark = pytest.mark.integration
 
@@ -98,7 +98,7 @@ def env() -> Iterator[Env]:
         finally:
             stop_process(proc)
         # Everything the tap wrote at debug level, up to its last line.
-        logs._thread.join(10)
+        logs.join(10)
         assert SECRET not in "".join(logs.lines)
 
 

@@ -38,7 +38,7 @@ from .docker_daemon import DockerDaemon, UnixHTTPConnection, docker_daemon
 from .docker_tools import TOOL, tools_image
 from .harness import short_tmpdir, stop_process, wait_until
 from .sidecar import http_get
-from .test_serve_process import LogReader
+from .stderr_lines import LogReader
 
 pytestmark = pytest.mark.integration
 
