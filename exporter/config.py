@@ -433,7 +433,7 @@ class Config:
     upstream: Address = required(
         Address.parse,
         flag="--upstream",
-        help="step-runner's socket: unix:///abs/path.sock or HOST:PORT",
+        help="step-runner's socket (docker tap: the daemon's): unix:///abs/path.sock or HOST:PORT",
     )
     socket: SocketConfig = section(SocketConfig)
     # None: any package (SPEC section 2); a name pins one.
