@@ -47,6 +47,15 @@ def _uid(owner: str | int | None) -> int | None:
         raise StartError(f"socket.owner: no user {owner!r} on this machine") from None
 
 
+def _socket_group(configured: str | int | None, tap_default: str | None) -> int | None:
+    if configured is not None or tap_default is None:
+        return _gid(configured)
+    try:
+        return grp.getgrnam(tap_default).gr_gid
+    except KeyError:  # "when it exists": without it the process's group stays
+        return None
+
+
 def _gid(group: str | int | None) -> int | None:
     if group is None or isinstance(group, int):
         return group
@@ -171,7 +180,7 @@ class Sidecar:
             self,
             socket_mode=cfg.socket.mode,
             socket_owner=_uid(cfg.socket.owner),
-            socket_group=_gid(cfg.socket.group),
+            socket_group=_socket_group(cfg.socket.group, self.tap.default_socket_group),
             max_connections=cfg.limits.max_connections,
         )
         await self.splice.start()

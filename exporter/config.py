@@ -411,6 +411,26 @@ class LogConfig:
     format: str = setting("text", _choice(LOG_FORMATS))
 
 
+def _docker_listen_problem(tap: str, listen: Address) -> str | None:
+    # The docker tap's socket is as powerful as the daemon's (root on the host); a TCP
+    # listener beyond loopback would publish it unauthenticated to the network.
+    if tap != "docker" or listen.kind != "tcp" or _is_loopback(listen.host):
+        return None
+    return (
+        f"the docker tap grants full Docker (root) access to whoever reaches it: listen on "
+        f"a unix socket (or a loopback address), not {listen}"
+    )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     # Keyword-only so it can come first (the order of keys in messages) before the
@@ -460,6 +480,7 @@ class Config:
                 else None
             ),
         ),
+        Check("listen", ("tap", "listen"), _docker_listen_problem),
     )
 
     @property

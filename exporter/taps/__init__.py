@@ -46,6 +46,10 @@ class TapParts:
 class Tap(Protocol):
     # What the upstream is, for log lines ("step-runner reachable").
     upstream_name: str
+    # The listening socket's group when `socket.group` is not set and this group exists:
+    # the docker tap's socket grants what the daemon's does, so it gets the daemon's
+    # group (SPEC section 7), never the process's.
+    default_socket_group: str | None
 
     def watcher(self) -> ConnectionWatcher | None:
         """The watcher of one new connection (the splice's factory)."""

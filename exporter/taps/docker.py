@@ -83,6 +83,7 @@ def steps_proxy(cmd: object) -> bool:
 
 class DockerTap:
     upstream_name = "Docker daemon"
+    default_socket_group: str | None = "docker"
 
     def __init__(self, parts: TapParts) -> None:
         self.parts = parts

@@ -9,6 +9,7 @@ from . import TapParts
 
 class StepRunnerTap:
     upstream_name = "step-runner"
+    default_socket_group: str | None = None
 
     def __init__(self, parts: TapParts) -> None:
         self._parts = parts

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import datetime
+import grp
 import http.client
 import ipaddress
 import os
@@ -293,6 +294,26 @@ def test_socket_is_created_with_the_default_mode_never_world_writable() -> None:
                 await sidecar.stop(grace=0, final_scrape_wait=0)
 
     run_async(main())
+
+
+def test_the_docker_taps_socket_gets_the_docker_group_by_default() -> None:
+    # SPEC section 7: the tap's socket grants what the daemon's does, so by default it
+    # gets the daemon's group (docker.io creates it); the step-runner tap keeps the
+    # process's group, and a configured group always wins.
+    docker_gid = grp.getgrnam("docker").gr_gid
+
+    async def socket_gid(**config: object) -> int:
+        with short_tmpdir() as d:
+            sidecar = _sidecar(d, f"unix://{d}/up.sock", **config)
+            await sidecar.start()
+            try:
+                return os.lstat(f"{d}/sidecar.sock").st_gid
+            finally:
+                await sidecar.stop(grace=0, final_scrape_wait=0)
+
+    assert run_async(socket_gid(tap="docker")) == docker_gid
+    assert run_async(socket_gid()) == os.getgid()
+    assert run_async(socket_gid(tap="docker", socket={"group": os.getgid()})) == os.getgid()
 
 
 @pytest.mark.skipif(os.getuid() != 0, reason="changing a file's owner needs root")

@@ -46,6 +46,21 @@ def only_problem(tmp_path: Path, text: str, overrides: dict[str, str] | None = N
     return found[0]
 
 
+def test_the_docker_tap_refuses_to_listen_beyond_loopback(tmp_path: Path) -> None:
+    # Its socket is as powerful as the daemon's: a TCP listener on the network would be
+    # an unauthenticated root API.
+    text = "tap: docker\nlisten: '0.0.0.0:2375'\nupstream: unix:///run/docker.sock\n"
+    problem = only_problem(tmp_path, text)
+    assert (problem.line, problem.key) == (2, "listen")
+    assert "full Docker (root) access" in problem.message
+    assert "0.0.0.0:2375" in problem.message
+    for loopback in ("127.0.0.1:2375", "[::1]:2375", "localhost:2375"):
+        config = load_config(write(tmp_path, text.replace("0.0.0.0:2375", loopback)))
+        assert config.tap == "docker"
+    step_runner = load_config(write(tmp_path, text.replace("tap: docker", "tap: step-runner")))
+    assert step_runner.listen == Address.tcp("0.0.0.0", 2375)
+
+
 # --- valid files ----------------------------------------------------------------------
 
 
