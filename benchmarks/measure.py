@@ -79,8 +79,9 @@ def client_benches(p: Profile) -> list[ClientBench]:
     jobs = (JOBS, JOB_P50, JOB_P99)
     secs = {"duration": f"{p.status_seconds}s"}
     job_secs = {"duration": f"{p.jobs_seconds}s"}
+    status_c1 = {"mode": "status", "concurrency": 1, **secs}
     return [
-        ClientBench("status_c1", {"mode": "status", "concurrency": 1, **secs}, status, 1),
+        ClientBench("status_c1", status_c1, status, 1),
         ClientBench("status_c16", {"mode": "status", "concurrency": 16, **secs}, status, 16),
         *(
             ClientBench(
@@ -93,11 +94,32 @@ def client_benches(p: Profile) -> list[ClientBench]:
             for label, size in (("128", 128), ("4k", 4096), ("32k", 32768))
         ),
         ClientBench("jobs_c1", {"mode": "jobs", "concurrency": 1, **job_secs, **JOB_LOG}, jobs),
-        ClientBench("jobs_c16", {"mode": "jobs", "concurrency": 16, **job_secs, **JOB_LOG}, jobs),
+        *(
+            ClientBench(name, {"mode": "jobs", "concurrency": 16, **job_secs, **JOB_LOG, **f}, jobs)
+            for name, f in JOB_SHAPES.items()
+        ),
+        ClientBench("status_c1_nodl", {**status_c1, **NO_DEADLINE}, status, 1),
     ]
 
 
-OTHER_BENCHES = ("resources", "metrics", "ready")
+NO_DEADLINE: dict[str, object] = {"deadlines": False}
+SHARED: dict[str, object] = {"shared": True}
+# Issue 11: job lifecycles as clients really run them. One connection per job with a
+# deadline on every unary call is GitLab Runner; a client that keeps one connection
+# for every job (with 16 in flight on it) gives the sidecar HPACK state that never
+# repeats; without deadlines the requests carry no grpc-timeout.
+JOB_SHAPES: dict[str, dict[str, object]] = {
+    "jobs_c16": {},
+    "jobs_c16_nodl": NO_DEADLINE,
+    "jobs_c16_shared": SHARED,
+    "jobs_c16_shared_nodl": {**SHARED, **NO_DEADLINE},
+}
+
+
+OTHER_BENCHES = ("resources", "resources_shared", "metrics", "ready")
+# The client flags of each resources measurement: Runner's connection per job, and one
+# long-lived connection per tenth of the jobs.
+RESOURCE_SHAPES: dict[str, dict[str, object]] = {"resources": {}, "resources_shared": SHARED}
 
 
 def _ids() -> Iterator[int]:
@@ -144,11 +166,31 @@ def run_client_bench(ctx: Context, bench: ClientBench) -> dict[str, Any]:
     runs: dict[str, list[dict[str, Any]]] = {t: [] for t in ctx.targets}
     for r in range(ctx.profile.rounds * bench.round_factor):
         for target in ctx.targets:
-            result = ctx.client(target, **bench.flags)
+            result = _client_with_cpu(ctx, target, bench.flags)
             ctx.expected[target]["success"] += bench.success_jobs
             runs[target].append(result)
             ctx.log(f"  {bench.name} round {r + 1} {target}: " + _brief(bench, result))
-    return {"runs": runs, "compare": compare_runs(runs, bench.metrics)}
+    out: dict[str, Any] = {"runs": runs, "compare": compare_runs(runs, bench.metrics)}
+    cpu = {
+        t: statistics.median(run["cpu_us_per_job"] for run in target_runs)
+        for t, target_runs in runs.items()
+        if target_runs and all("cpu_us_per_job" in run for run in target_runs)
+    }
+    if cpu:
+        out["cpu_us_per_job"] = cpu
+    return out
+
+
+def _client_with_cpu(ctx: Context, target: str, flags: dict[str, object]) -> dict[str, Any]:
+    """One client run; for a proxy running jobs, also the proxy's CPU per job in it."""
+    proxy = ctx.proxies.get(target)
+    if proxy is None or flags.get("mode") != "jobs":
+        return ctx.client(target, **flags)
+    cpu0 = procs.cpu_seconds(proxy.proc.pid)
+    result = ctx.client(target, **flags)
+    if result.get("jobs"):
+        result["cpu_us_per_job"] = (procs.cpu_seconds(proxy.proc.pid) - cpu0) / result["jobs"] * 1e6
+    return result
 
 
 def _brief(bench: ClientBench, result: dict[str, Any]) -> str:
@@ -191,9 +233,11 @@ FLAT_GROWTH = 0.05
 FLAT_SLACK = 2 * MiB
 
 
-def run_resources(ctx: Context, target: str) -> dict[str, Any]:
+def run_resources(
+    ctx: Context, target: str, flags: dict[str, object] | None = None
+) -> dict[str, Any]:
     """Sidecar CPU per job and resident memory over `resource_jobs` lifecycles at
-    concurrency 16, sampled after each tenth."""
+    concurrency 16 (with the client's `flags`), sampled after each tenth."""
     pid = ctx.proxies[target].proc.pid
     per_chunk = max(1, ctx.profile.resource_jobs // CHUNKS)
     rss = [procs.rss_bytes(pid)]
@@ -201,10 +245,12 @@ def run_resources(ctx: Context, target: str) -> dict[str, Any]:
     t0 = time.monotonic()
     jobs = 0
     for i in range(CHUNKS):
-        result = ctx.client(target, mode="jobs", concurrency=16, jobs=per_chunk, **JOB_LOG)
+        result = ctx.client(
+            target, mode="jobs", concurrency=16, jobs=per_chunk, **JOB_LOG, **(flags or {})
+        )
         jobs += result["jobs"]
         rss.append(procs.rss_bytes(pid))
-        ctx.log(f"  resources {target}: {jobs} jobs, RSS {rss[-1] / MiB:.1f} MiB")
+        ctx.log(f"  resources {flags or ''} {target}: {jobs} jobs, RSS {rss[-1] / MiB:.1f} MiB")
         if i == WARMUP_CHUNKS - 1:
             warm_rss = rss[-1]
     cpu = procs.cpu_seconds(pid) - cpu0

@@ -108,11 +108,12 @@ def run(ctx: measure.Context, selected: list[str], results: dict[str, Any]) -> N
             _log(f"{bench.name} ...")
             results["client"][bench.name] = measure.run_client_bench(ctx, bench)
     for target in ctx.proxies:
-        if "resources" in selected:
-            _log(f"resources {target} ...")
-            results["resources"][target] = measure.run_resources(ctx, target)
+        for name, flags in measure.RESOURCE_SHAPES.items():
+            if name in selected:
+                _log(f"{name} {target} ...")
+                results.setdefault(name, {})[target] = measure.run_resources(ctx, target, flags)
         if "metrics" in selected:
-            if "resources" not in selected:
+            if not set(measure.RESOURCE_SHAPES) & set(selected):
                 measure.populate(ctx, target)
             _log(f"metrics {target} ...")
             results["metrics"][target] = measure.run_metrics_render(ctx, target)

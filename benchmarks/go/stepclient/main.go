@@ -128,7 +128,7 @@ func dial(o *options) (*grpc.ClientConn, error) {
 }
 
 func unaryCtx() (context.Context, context.CancelFunc) {
-	return context.WithTimeout(context.Background(), callTimeout)
+	return deadlineCtx()
 }
 
 func runRequest(id string, scenario string, logBytes int64, chunk int) *pb.RunRequest {
@@ -221,12 +221,11 @@ func resultOf(resp *pb.StatusResponse, err error) string {
 // runJob runs one whole job lifecycle on its own connection and returns Runner's
 // verdict on it, tallying its calls in t.
 func runJob(o *options, id string, scenario string, t calls) (string, error) {
-	conn, err := dial(o)
+	c, release, err := jobClient(o)
 	if err != nil {
 		return "", err
 	}
-	defer conn.Close()
-	c := pb.NewStepRunnerClient(conn)
+	defer release()
 	if err := t.add("Run", call(func(ctx context.Context) error {
 		_, err := c.Run(ctx, runRequest(id, scenario, o.logBytes, o.chunk))
 		return err
@@ -259,12 +258,13 @@ func runJob(o *options, id string, scenario string, t calls) (string, error) {
 	if n != o.logBytes {
 		return "", fmt.Errorf("FollowLogs: got %d bytes, want %d", n, o.logBytes)
 	}
-	timeout := callTimeout
+	// The deadline scenario's Status has its own short deadline, with or without
+	// -deadlines.
+	ctx, cancel := unaryCtx()
 	if scenario == "deadline" {
-		timeout = deadlineTimeout
+		ctx, cancel = context.WithTimeout(context.Background(), deadlineTimeout)
 	}
 	var resp *pb.StatusResponse
-	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	resp, statusErr := c.Status(ctx, &pb.StatusRequest{Id: id})
 	cancel()
 	result := resultOf(resp, t.add("Status", statusErr))
@@ -377,12 +377,11 @@ type statusResult struct {
 // statusWorker runs one job, then calls Status on it until stop, keeping the
 // latencies of the calls that started at or after measureFrom.
 func statusWorker(o *options, id string, measureFrom, stop time.Time) ([]time.Duration, error) {
-	conn, err := dial(o)
+	c, release, err := jobClient(o)
 	if err != nil {
 		return nil, err
 	}
-	defer conn.Close()
-	c := pb.NewStepRunnerClient(conn)
+	defer release()
 	if err := call(func(ctx context.Context) error {
 		_, err := c.Run(ctx, runRequest(id, "success", 0, 1))
 		return err
