@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 from typing import Any, TextIO
@@ -15,15 +16,25 @@ _RESERVED = "fields"
 
 
 class _TextFormatter(logging.Formatter):
+    # One line per classified job is on the job path: the second's timestamp is
+    # formatted once, not per record.
+    _stamp: tuple[int, str] = (-1, "")
+
     def format(self, record: logging.LogRecord) -> str:
-        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-        parts = [f"ts={ts}.{int(record.msecs):03d}Z", f"level={record.levelname.lower()}"]
-        parts.append(f"msg={_quote(record.getMessage())}")
-        fields: dict[str, Any] = getattr(record, _RESERVED, {})
-        parts.extend(f"{key}={_quote(value)}" for key, value in fields.items())
+        second = int(record.created)
+        stamp = self._stamp
+        if stamp[0] != second:
+            stamp = self._stamp = (second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)))
+        line = (
+            f"ts={stamp[1]}.{int(record.msecs):03d}Z level={record.levelname.lower()} "
+            f"msg={_quote(record.getMessage())}"
+        )
+        fields: dict[str, Any] | None = getattr(record, _RESERVED, None)
+        if fields:
+            line += "".join([f" {key}={_quote(value)}" for key, value in fields.items()])
         if record.exc_info:
-            parts.append(f"error={_quote(self.formatException(record.exc_info))}")
-        return " ".join(parts)
+            line += f" error={_quote(self.formatException(record.exc_info))}"
+        return line
 
 
 class _JsonFormatter(logging.Formatter):
@@ -40,10 +51,15 @@ class _JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
+# What goes unquoted: letters and digits (str.isalnum: what \w matches besides "_")
+# and "-_./:". Anything else is JSON-quoted.
+_PLAIN = re.compile(r"[\w\-./:]+")
+
+
 def _quote(value: object) -> str:
     text = "" if value is None else str(value)
     # Job-controlled text (ids) must not be able to fake a second log line or field.
-    if text and all(c.isalnum() or c in "-_./:" for c in text):
+    if _PLAIN.fullmatch(text):
         return text
     return json.dumps(text)
 
@@ -56,6 +72,12 @@ def setup_logging(level: str = "info", fmt: str = "text", stream: TextIO | None 
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
+    # Neither format prints where, in which thread or process a record was made; the
+    # logging manual's optimizations skip gathering it (a frame walk per record).
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
+    logging._srcfile = None
 
 
 def fields(**values: object) -> dict[str, dict[str, object]]:
