@@ -78,6 +78,9 @@ def setup_logging(level: str = "info", fmt: str = "text", stream: TextIO | None 
     logging.logProcesses = False
     logging.logMultiprocessing = False
     logging._srcfile = None
+    # hpack's debug lines print header blocks and fields as it decodes them: the
+    # forwarded requests' values (tokens among them). Never at any level of ours.
+    logging.getLogger("hpack").setLevel(logging.INFO)
 
 
 def fields(**values: object) -> dict[str, dict[str, object]]:

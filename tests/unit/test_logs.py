@@ -7,6 +7,7 @@ import json
 import logging
 import shlex
 
+import hpack
 import pytest
 from prometheus_client import CollectorRegistry
 
@@ -65,6 +66,18 @@ def test_a_hostile_job_id_cannot_forge_a_line_or_a_field(accounting: Accounting)
     fields = dict(token.split("=", 1) for token in shlex.split(lines[0]))
     assert fields["result"] == "failed"
     assert fields["job_id"] == evil.replace("\n", "\\n")
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_debug_level_logs_no_forwarded_header_value(fmt: str) -> None:
+    stream = io.StringIO()
+    setup_logging("debug", fmt, stream)
+    block = hpack.Encoder().encode([("authorization", "Bearer s3cret-token")])
+    assert hpack.Decoder().decode(block) == [("authorization", "Bearer s3cret-token")]
+    logging.getLogger("exporter.test").debug("debug lines are on")
+    out = stream.getvalue()
+    assert "debug lines are on" in out
+    assert "s3cret" not in out and "authorization" not in out
 
 
 def teardown_module() -> None:
