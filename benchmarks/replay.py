@@ -11,6 +11,8 @@ Workloads:
   lifecycles (Run, FollowLogs with a 4 KiB log, Status, Close), 16 in flight, its
   header blocks written by one hpack encoder per side as grpc-go writes them
   (without and with a per-call grpc-timeout): microseconds of CPU per job.
+- `per_job`, `per_job_deadline`: the same lifecycles, one connection each (GitLab
+  Runner's way), the deadlines' grpc-timeout values differing from job to job.
 
 Each figure is the median of `--rounds` runs, measured with time.process_time.
 `--sink accounting` gives the observer the sidecar's own sink (Accounting with real
@@ -71,7 +73,7 @@ def _captures() -> list[Feed]:
     return feeds
 
 
-def shared_connection(jobs: int, *, deadline: bool) -> Feed:
+def shared_connection(jobs: int, *, deadline: bool, first_job: int = 0) -> Feed:
     """One connection, `jobs` lifecycles with IN_FLIGHT interleaved, as bytes."""
     client, server = hpack.Encoder(), hpack.Encoder()
     out: Feed = [(CLIENT, PREFACE + frame(SETTINGS, 0, 0)), (SERVER, frame(SETTINGS, 0, 0))]
@@ -84,9 +86,10 @@ def shared_connection(jobs: int, *, deadline: bool) -> Feed:
         for name in calls:
             for job in batch:
                 # grpc-go writes the time left, which differs from call to call.
-                timeout = f"{59_999_000 + (stream * 7919) % 1000}u" if deadline else None
+                left = 59_999_000 + ((stream + first_job) * 7919) % 1000
+                timeout = f"{left}u" if deadline else None
                 headers = request_headers(f"/proto.StepRunner/{name}", timeout)
-                body = step_pb2.RunRequest(id=str(job)).SerializeToString()
+                body = step_pb2.RunRequest(id=str(first_job + job)).SerializeToString()
                 out.append(
                     (
                         CLIENT,
@@ -98,7 +101,9 @@ def shared_connection(jobs: int, *, deadline: bool) -> Feed:
                 if name == "FollowLogs":
                     reply += frame(DATA, 0, stream, log * 4)
                 elif name == "Status":
-                    status = step_pb2.Status(id=str(job), status=step_pb2.StepResult.success)
+                    status = step_pb2.Status(
+                        id=str(first_job + job), status=step_pb2.StepResult.success
+                    )
                     message = step_pb2.StatusResponse(jobs=[status]).SerializeToString()
                     reply += frame(DATA, 0, stream, grpc_message(message))
                 else:
@@ -141,6 +146,10 @@ def measure(name: str, rounds: int, jobs: int, sink: ObserverSink) -> tuple[floa
     if name == "captures":
         feeds = _captures() * 20
         per, unit = (lambda t: t / len(feeds)), "connection"
+    elif name.startswith("per_job"):
+        deadline = name == "per_job_deadline"
+        feeds = [shared_connection(1, deadline=deadline, first_job=i) for i in range(jobs)]
+        per, unit = (lambda t: t / jobs), "job"
     else:
         feeds = [shared_connection(jobs, deadline=name == "shared_deadline")]
         per, unit = (lambda t: t / jobs), "job"
@@ -148,7 +157,7 @@ def measure(name: str, rounds: int, jobs: int, sink: ObserverSink) -> tuple[floa
     return statistics.median(per(_run(feeds, sink)) for _ in range(rounds)) * 1e6, unit
 
 
-WORKLOADS = ("captures", "shared", "shared_deadline")
+WORKLOADS = ("captures", "shared", "shared_deadline", "per_job", "per_job_deadline")
 
 
 def main(argv: list[str] | None = None) -> int:
