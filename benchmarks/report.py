@@ -1,5 +1,6 @@
 """The targets of issues 5 and 11 as checks, each on every workload it applies to, and
-the results as a table."""
+the results as a table. `python -m benchmarks.report RESULTS.json` prints them as the
+Markdown tables of the README's Performance section."""
 
 from __future__ import annotations
 
@@ -356,3 +357,44 @@ def render(results: Results) -> str:
         lines += ["", "targets of issues 5 and 11:", *check_lines(results["checks"])]
         lines += ["", "worst workload per target:", *check_lines(worst(results["checks"]))]
     return "\n".join(lines)
+
+
+def _md_value(c: dict[str, Any]) -> str:
+    op = "<=" if c["at_most"] else ">="
+    verdict = "met" if c["pass"] else "MISSED"
+    by = f"{'+' if _margin(c) >= 0 else ''}{_fmt(_margin(c))} {c['unit']}"
+    return (
+        f"{_fmt(c['value'])} {c['unit']} | {op} {_fmt(c['limit'])} {c['unit']} | {verdict} ({by})"
+    )
+
+
+def markdown(results: Results) -> str:
+    """The worst workload per target, then every check, as Markdown tables (README)."""
+    checks = results["checks"]
+    lines = [
+        "| target (worst workload) | measured | limit | verdict (margin) |",
+        "|---|---|---|---|",
+    ]
+    lines += [f"| {c['group']}: `{c['check']}` | {_md_value(c)} |" for c in worst(checks)]
+    lines += ["", "| workload: check | measured | limit | verdict (margin) |", "|---|---|---|---|"]
+    lines += [f"| `{c['check']}` | {_md_value(c)} |" for c in checks]
+    lines += [
+        "",
+        "| workload | metric | direct | sidecar | sidecar vs direct |",
+        "|---|---|---|---|---|",
+    ]
+    for name, bench in results["client"].items():
+        for entry in bench["compare"].get("sidecar", {}).values():
+            lines.append(
+                f"| `{name}` | {entry['unit']} | {_fmt(entry['direct'])} | "
+                f"{_fmt(entry['value'])} | {_versus(entry)} |"
+            )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+    from pathlib import Path
+
+    print(markdown(json.loads(Path(sys.argv[1]).read_text())))
