@@ -34,7 +34,7 @@ from typing import IO, Any, TypeVar
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from .docker_daemon import DockerDaemon, UnixHTTPConnection, docker_daemon
+from .docker_daemon import DockerDaemon, UnixHTTPConnection, docker_daemon, run_cli
 from .docker_tools import TOOL, tools_image
 from .harness import ProcessLog, short_tmpdir, stop_process, wait_until
 from .sidecar import docker_tap_process, http_get
@@ -118,16 +118,8 @@ def docker(
     client: str = "docker",
 ) -> subprocess.CompletedProcess[bytes]:
     """The Docker CLI against `socket_path` (the daemon's or the tap's), bytes in and out."""
-    result = subprocess.run(
-        [client, "-H", env.host(socket_path), *args],
-        input=input,
-        capture_output=True,
-        timeout=timeout,
-        check=False,
-    )
-    if check and result.returncode != 0:
-        raise AssertionError(f"docker {' '.join(args)} failed: {result.stderr.decode().strip()}")
-    return result
+    host = env.host(socket_path)
+    return run_cli(host, *args, input=input, check=check, timeout=timeout, client=client)
 
 
 def both(env: Env, *args: str, **kwargs: Any) -> tuple[subprocess.CompletedProcess[bytes], ...]:
