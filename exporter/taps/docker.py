@@ -167,6 +167,17 @@ class DockerConnection:
         self._create_body = self._response_body = None
         self._create = None
 
+    def _bounded(self, body: bytearray | None, data: bytes) -> bytearray | None:
+        """`body` with `data` added; None (not wanted, or a decode error once it would
+        pass max_body_bytes) stays None."""
+        if body is None:
+            return None
+        if len(body) + len(data) > self._tap.max_body_bytes:
+            self._tap.decode_error("docker_http")
+            return None
+        body += data
+        return body
+
     # -- HttpHandler -----------------------------------------------------------------
 
     def request(self, method: bytes, target: bytes, now: float) -> bool:
@@ -179,14 +190,7 @@ class DockerConnection:
         return False
 
     def request_body(self, data: bytes) -> None:
-        body = self._create_body
-        if body is None:
-            return
-        if len(body) + len(data) > self._tap.max_body_bytes:
-            self._create_body = None
-            self._tap.decode_error("docker_http")
-            return
-        body += data
+        self._create_body = self._bounded(self._create_body, data)
 
     def request_end(self, now: float) -> None:
         body, self._create_body = self._create_body, None
@@ -210,14 +214,7 @@ class DockerConnection:
         return False
 
     def response_body(self, data: bytes) -> None:
-        body = self._response_body
-        if body is None:
-            return
-        if len(body) + len(data) > self._tap.max_body_bytes:
-            self._response_body = None
-            self._tap.decode_error("docker_http")
-            return
-        body += data
+        self._response_body = self._bounded(self._response_body, data)
 
     def response_end(self, now: float) -> None:
         body, self._response_body = self._response_body, None

@@ -162,18 +162,12 @@ class DockerDaemon:
         check: bool = True,
         timeout: float = 60.0,
     ) -> subprocess.CompletedProcess[str]:
-        """Run `docker -H HOST ARGS...` (HOST: this daemon unless given) and return it."""
-        result = subprocess.run(
-            ["docker", "-H", host or self.host, *args],
-            input=input.decode() if input is not None else None,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
+        """Run `docker -H HOST ARGS...` (HOST: this daemon unless given) and return it,
+        its output as text; `run_cli` for bytes."""
+        result = run_cli(host or self.host, *args, input=input, check=check, timeout=timeout)
+        return subprocess.CompletedProcess(
+            result.args, result.returncode, _text(result.stdout), _text(result.stderr)
         )
-        if check and result.returncode != 0:
-            raise AssertionError(f"docker {' '.join(args)} failed: {result.stderr.strip()}")
-        return result
 
     def import_image(self, name: str, files: Mapping[str, Path | bytes]) -> str:
         """`docker import` an image made of `files` (path in the image -> a local file,
@@ -192,16 +186,30 @@ class DockerDaemon:
                 info.size = len(data)
                 info.mode = 0o755
                 tar.addfile(info, io.BytesIO(data))
-        result = subprocess.run(
-            ["docker", "-H", self.host, "import", "-", name],
-            input=buffer.getvalue(),
-            capture_output=True,
-            timeout=120,
-            check=False,
-        )
-        if result.returncode != 0:
-            raise AssertionError(f"docker import {name} failed: {result.stderr.decode().strip()}")
+        result = run_cli(self.host, "import", "-", name, input=buffer.getvalue(), timeout=120)
         return result.stdout.decode().strip()
+
+
+def run_cli(
+    host: str,
+    *args: str,
+    input: bytes | None = None,
+    check: bool = True,
+    timeout: float = 60.0,
+    client: str = "docker",
+) -> subprocess.CompletedProcess[bytes]:
+    """Run `CLIENT -H HOST ARGS...`, bytes in and out; a failure fails the test if `check`."""
+    result = subprocess.run(
+        [client, "-H", host, *args], input=input, capture_output=True, timeout=timeout, check=False
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"docker {' '.join(args)} failed: {_text(result.stderr).strip()}")
+    return result
+
+
+def _text(output: bytes) -> str:
+    # What subprocess's text mode makes of it: decoded, universal newlines.
+    return output.decode().replace("\r\n", "\n").replace("\r", "\n")
 
 
 def unavailable(reason: str) -> None:

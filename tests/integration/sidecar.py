@@ -22,7 +22,7 @@ from exporter.app import Sidecar
 from exporter.config import parse_config
 from exporter.simulator import Tally
 
-from .harness import ProcessLog, child_process, short_tmpdir
+from .harness import ProcessLog, child_process, short_tmpdir, wait_until
 
 COMMAND = str(Path(sys.executable).with_name("step-runner-exporter"))
 # The port is the process's own pick, read back from its log: never one chosen here.
@@ -134,6 +134,24 @@ def running_sidecar_process(
         path.write_text(yaml.safe_dump(sidecar_config(directory, upstream, **config)))
         with serve_process(serve_argv(*args, config=path), env=env) as sidecar:
             yield sidecar
+
+
+@contextlib.contextmanager
+def docker_tap_process(upstream: str, config: str, *args: str) -> Iterator[ServeProcess]:
+    """`serve --tap docker` in front of the daemon at `upstream` (its -H host) on a
+    unix socket of its own, configured by the YAML text `config` and the flags `args`;
+    ready once /-/ready says so, always stopped. The docker tests' one way to start it."""
+    with short_tmpdir("srx-tap-") as directory:
+        path = Path(directory, "config.yml")
+        path.write_text(config)
+        listen = f"unix://{directory}/tap.sock"
+        argv = serve_argv(
+            "--tap", "docker", "--listen", listen, "--upstream", upstream, *args, config=path
+        )
+        with serve_process(argv) as tap:
+            ready = tap.url("/-/ready")
+            wait_until(lambda: http_get(ready)[0] == 200, 30, "the tap ready")
+            yield tap
 
 
 # -- reading what it exported ------------------------------------------------------------------

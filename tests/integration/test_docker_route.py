@@ -31,9 +31,8 @@ from benchmarks import build
 
 from .docker_daemon import DockerDaemon, docker_daemon, ping
 from .docker_images import BuildContainer, start_build_container, step_runner_image
-from .harness import short_tmpdir, stop_process, wait_until
-from .sidecar import http_get
-from .stderr_lines import LogReader
+from .harness import ProcessLog, wait_until
+from .sidecar import ServeProcess, docker_tap_process, http_get
 
 pytestmark = pytest.mark.integration
 
@@ -83,10 +82,10 @@ Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 @dataclass
 class Tap:
-    proc: subprocess.Popen[str]
+    proc: subprocess.Popen[bytes]
     socket: str
     base: str  # http://127.0.0.1:PORT
-    logs: LogReader
+    logs: ProcessLog
 
     def samples(self) -> Samples:
         status, _, body = http_get(f"{self.base}/metrics")
@@ -101,24 +100,8 @@ class Tap:
         return self.samples().get((name, tuple(sorted(labels.items()))), 0.0)
 
 
-def start_tap(daemon: DockerDaemon, directory: str, shutdown: str) -> Tap:
-    config = Path(directory, "config.yml")
-    config.write_text(f"shutdown: {shutdown}\n")
-    socket_path = f"{directory}/tap.sock"
-    argv = [COMMAND, "serve", "--config.file", str(config), "--tap", "docker"]
-    argv += ["--listen", f"unix://{socket_path}", "--upstream", daemon.host]
-    argv += ["--web.listen-address", "127.0.0.1:0"]
-    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
-    logs = LogReader(proc)
-    pattern = r"web=127\.0\.0\.1:(\d+)"
-    wait_until(lambda: logs.find(pattern) is not None or proc.poll() is not None, what="the tap")
-    match = logs.find(pattern)
-    if match is None:
-        stop_process(proc)
-        raise AssertionError(f"the tap did not start: {''.join(logs.lines)}")
-    tap = Tap(proc, socket_path, f"http://127.0.0.1:{match.group(1)}", logs)
-    wait_until(lambda: http_get(f"{tap.base}/-/ready")[0] == 200, what="the tap ready")
-    return tap
+def tap_of(process: ServeProcess) -> Tap:
+    return Tap(process.process, str(process.socket_path), f"http://{process.web}", process.log)
 
 
 @dataclass
@@ -126,18 +109,15 @@ class Env:
     daemon: DockerDaemon
     image: str
     tap: Tap
-    directory: str
 
 
 @pytest.fixture(scope="module")
 def env() -> Iterator[Env]:
-    with docker_daemon() as daemon, short_tmpdir("srx-route-") as directory:
+    with docker_daemon() as daemon:
         image = step_runner_image(daemon)
-        tap = start_tap(daemon, directory, "{grace_period: 5s, final_scrape_wait: 0s}")
-        try:
-            yield Env(daemon, image, tap, directory)
-        finally:
-            stop_process(tap.proc)
+        config = "shutdown: {grace_period: 5s, final_scrape_wait: 0s}\n"
+        with docker_tap_process(daemon.host, config) as process:
+            yield Env(daemon, image, tap_of(process))
 
 
 def client(
@@ -390,46 +370,44 @@ def test_sigterm_with_an_exec_in_flight_drains_and_waits_for_a_final_scrape(env:
     """SIGTERM while a job's log streams through an exec session: the tap stops
     accepting (ready 503, socket gone), the session runs to its end, and the tap exits
     only after a scrape that shows the job."""
-    with short_tmpdir("srx-term-") as directory:
-        tap = start_tap(env.daemon, directory, "{grace_period: 30s, final_scrape_wait: 30s}")
-        try:
-            container = start_build_container(env.daemon, env.image)
-            proc = client(
-                tap.socket, container, 4_000_000, mode="logs", chunk=4096, log_bytes=256 << 20
-            )
-            wait_until(
-                lambda: (
-                    tap.value(
-                        "grpc_server_started_total",
-                        grpc_method="FollowLogs",
-                        grpc_service=SERVICE,
-                        grpc_type="server_stream",
-                    )
-                    == 1
-                ),
-                timeout=30,
-                what="the log streaming",
-            )
-            tap.proc.send_signal(signal.SIGTERM)
-            wait_until(lambda: http_get(f"{tap.base}/-/ready")[0] == 503, what="not ready")
-            wait_until(lambda: not Path(tap.socket).exists(), what="the tap's socket removed")
-            assert tap.value("step_runner_jobs_total", result="success") == 0
-            assert proc.poll() is None, "the log ended before SIGTERM: make it longer"
+    config = "shutdown: {grace_period: 30s, final_scrape_wait: 30s}\n"
+    with docker_tap_process(env.daemon.host, config) as process:
+        tap = tap_of(process)
+        container = start_build_container(env.daemon, env.image)
+        proc = client(
+            tap.socket, container, 4_000_000, mode="logs", chunk=4096, log_bytes=256 << 20
+        )
+        wait_until(
+            lambda: (
+                tap.value(
+                    "grpc_server_started_total",
+                    grpc_method="FollowLogs",
+                    grpc_service=SERVICE,
+                    grpc_type="server_stream",
+                )
+                == 1
+            ),
+            timeout=30,
+            what="the log streaming",
+        )
+        tap.proc.send_signal(signal.SIGTERM)
+        wait_until(lambda: http_get(f"{tap.base}/-/ready")[0] == 503, what="not ready")
+        wait_until(lambda: not Path(tap.socket).exists(), what="the tap's socket removed")
+        assert tap.value("step_runner_jobs_total", result="success") == 0
+        assert proc.poll() is None, "the log ended before SIGTERM: make it longer"
 
-            result = result_of(proc, timeout=120)
-            assert result["bytes"] == 256 << 20
-            assert tap.proc.poll() is None, "exited before its final scrape"
-            # Scrape until the tap exits: the first scrape after the drain is its final one.
-            last: list[float] = []
+        result = result_of(proc, timeout=120)
+        assert result["bytes"] == 256 << 20
+        assert tap.proc.poll() is None, "exited before its final scrape"
+        # Scrape until the tap exits: the first scrape after the drain is its final one.
+        last: list[float] = []
 
-            def scraped_and_exited() -> bool:
-                with contextlib.suppress(OSError):
-                    last.append(tap.value("step_runner_jobs_total", result="success"))
-                return tap.proc.poll() is not None
+        def scraped_and_exited() -> bool:
+            with contextlib.suppress(OSError):
+                last.append(tap.value("step_runner_jobs_total", result="success"))
+            return tap.proc.poll() is not None
 
-            wait_until(scraped_and_exited, timeout=30, what="the final scrape and exit")
-            assert tap.proc.returncode == 0
-            assert last[-1] == 1, "the final scrape did not show the drained job"
-            assert tap.logs.find('msg="final scrape"') is not None, tap.logs.lines
-        finally:
-            stop_process(tap.proc)
+        wait_until(scraped_and_exited, timeout=30, what="the final scrape and exit")
+        assert tap.proc.returncode == 0
+        assert last[-1] == 1, "the final scrape did not show the drained job"
+        assert tap.logs.find('msg="final scrape"') is not None, tap.logs.lines

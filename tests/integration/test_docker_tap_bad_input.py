@@ -28,9 +28,8 @@ from tests.wire import frame, grpc_message, request_headers
 
 from .docker_daemon import DockerDaemon, docker_daemon, ping
 from .docker_images import BuildContainer, proxy_cmd, start_build_container, step_runner_image
-from .harness import short_tmpdir, stop_process, wait_until
-from .sidecar import http_get
-from .stderr_lines import LogReader
+from .harness import ProcessLog, stop_process, wait_until
+from .sidecar import docker_tap_process, http_get
 
 pytestmark = pytest.mark.integration
 
@@ -46,10 +45,10 @@ END_STREAM, END_HEADERS = 0x1, 0x4
 
 @dataclass
 class Tap:
-    proc: subprocess.Popen[str]
+    proc: subprocess.Popen[bytes]
     socket: str
     base: str
-    logs: LogReader
+    logs: ProcessLog
 
     def metrics_text(self) -> str:
         status, _, body = http_get(f"{self.base}/metrics")
@@ -73,33 +72,21 @@ class Env:
 
 @pytest.fixture(scope="module")
 def env() -> Iterator[Env]:
-    with docker_daemon() as daemon, short_tmpdir("srx-bad-") as directory:
+    with docker_daemon() as daemon:
         image = step_runner_image(daemon)
         container = start_build_container(daemon, image)
-        config = Path(directory, "config.yml")
-        config.write_text(
+        config = (
             f"docker: {{max_body_bytes: {MAX_BODY}}}\n"
             "shutdown: {grace_period: 2s, final_scrape_wait: 0s}\n"
         )
-        path = f"{directory}/tap.sock"
-        argv = [COMMAND, "serve", "--config.file", str(config), "--tap", "docker"]
-        argv += ["--listen", f"unix://{path}", "--upstream", daemon.host]
-        argv += ["--web.listen-address", "127.0.0.1:0", "--log.level", "debug"]
-        proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
-        logs = LogReader(proc)
-        try:
-            pattern = r"web=127\.0\.0\.1:(\d+)"
-            wait_until(lambda: logs.find(pattern) is not None or proc.poll() is not None)
-            match = logs.find(pattern)
-            assert match is not None, "".join(logs.lines)
-            tap = Tap(proc, path, f"http://127.0.0.1:{match.group(1)}", logs)
+        with docker_tap_process(daemon.host, config, "--log.level", "debug") as process:
+            path = str(process.socket_path)
+            tap = Tap(process.process, path, f"http://{process.web}", process.log)
             wait_until(lambda: ping(path), what="the tap forwarding")
             yield Env(daemon, tap, container)
-        finally:
-            stop_process(proc)
-        # Everything the tap wrote at debug level, up to its last line.
-        logs.join(10)
-        assert SECRET not in "".join(logs.lines)
+            stop_process(process.process)
+            # Everything the tap wrote at debug level, up to its last line.
+            assert SECRET not in process.log.text()
 
 
 def exchange(path: str, data: bytes, *, half_close: bool = False, timeout: float = 20) -> bytes:
@@ -348,7 +335,7 @@ def test_a_client_that_disappears_mid_exec(env: Env) -> None:
     assert re.search(
         r'msg="job classified" job_id=7000000 result=failed .*container_id=[0-9a-f]{64} '
         r"exec_id=[0-9a-f]{64}",
-        "".join(env.tap.logs.lines),
+        env.tap.logs.text(),
     ), "no job line with container and exec id"
     still_serving(env)
 
@@ -367,7 +354,7 @@ def test_secrets_in_container_and_exec_create_bodies_stay_out_of_logs_and_metric
     # A steps-proxy exec create carrying the secret: held only while parsed.
     create_exec(env, env.tap.socket, proxy_cmd(env.container.socket), [f"TOKEN={SECRET}"])
     assert SECRET not in env.tap.metrics_text()
-    assert SECRET not in "".join(env.tap.logs.lines)  # so far; the fixture checks them all
+    assert SECRET not in env.tap.logs.text()  # so far; the fixture checks them all
     still_serving(env)
 
 

@@ -34,11 +34,10 @@ from typing import IO, Any, TypeVar
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from .docker_daemon import DockerDaemon, UnixHTTPConnection, docker_daemon
+from .docker_daemon import DockerDaemon, UnixHTTPConnection, docker_daemon, run_cli
 from .docker_tools import TOOL, tools_image
-from .harness import short_tmpdir, stop_process, wait_until
-from .sidecar import http_get
-from .stderr_lines import LogReader
+from .harness import ProcessLog, short_tmpdir, stop_process, wait_until
+from .sidecar import docker_tap_process, http_get
 
 pytestmark = pytest.mark.integration
 
@@ -67,7 +66,7 @@ class Env:
     metrics_url: str
     image: str
     workdir: Path
-    logs: LogReader
+    logs: ProcessLog
     # Exec creates and exec sessions sent through the tap by the tests that ran.
     exec_creates: int = 0
     exec_sessions: int = 0
@@ -84,31 +83,13 @@ class Env:
 def env() -> Iterator[Env]:
     with docker_daemon() as daemon, short_tmpdir("srx-tap-") as directory:
         image = tools_image(daemon)
-        config = Path(directory, "config.yml")
         # Nothing is left in flight at the end, so shutting down need not wait.
-        config.write_text("shutdown: {grace_period: 5s, final_scrape_wait: 0s}\n")
-        tap = f"{directory}/tap.sock"
-        argv = [COMMAND, "serve", "--config.file", str(config), "--tap", "docker"]
-        argv += ["--listen", f"unix://{tap}", "--upstream", daemon.host]
-        argv += ["--web.listen-address", "127.0.0.1:0"]
-        proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
-        logs = LogReader(proc)
-        try:
-            wait_until(
-                lambda: logs.find(r"web=127\.0\.0\.1:(\d+)") is not None or proc.poll() is not None,
-                timeout=30,
-                what="the tap to listen",
-            )
-            match = logs.find(r"web=127\.0\.0\.1:(\d+)")
-            assert match is not None, f"the tap did not start: {''.join(logs.lines)}"
-            base = f"http://127.0.0.1:{match.group(1)}"
-            wait_until(lambda: http_get(f"{base}/-/ready")[0] == 200, 30, "the tap ready")
-            yield Env(daemon, tap, f"{base}/metrics", image, Path(directory), logs)
-            stop_process(proc)
-            assert proc.returncode == 0, "".join(logs.lines)
-        finally:
-            if proc.poll() is None:
-                stop_process(proc)
+        config = "shutdown: {grace_period: 5s, final_scrape_wait: 0s}\n"
+        with docker_tap_process(daemon.host, config) as tap:
+            metrics = tap.url("/metrics")
+            yield Env(daemon, str(tap.socket_path), metrics, image, Path(directory), tap.log)
+            stop_process(tap.process)
+            assert tap.process.returncode == 0, tap.log.text()
 
 
 # --- helpers -------------------------------------------------------------------------
@@ -137,16 +118,8 @@ def docker(
     client: str = "docker",
 ) -> subprocess.CompletedProcess[bytes]:
     """The Docker CLI against `socket_path` (the daemon's or the tap's), bytes in and out."""
-    result = subprocess.run(
-        [client, "-H", env.host(socket_path), *args],
-        input=input,
-        capture_output=True,
-        timeout=timeout,
-        check=False,
-    )
-    if check and result.returncode != 0:
-        raise AssertionError(f"docker {' '.join(args)} failed: {result.stderr.decode().strip()}")
-    return result
+    host = env.host(socket_path)
+    return run_cli(host, *args, input=input, check=check, timeout=timeout, client=client)
 
 
 def both(env: Env, *args: str, **kwargs: Any) -> tuple[subprocess.CompletedProcess[bytes], ...]:
@@ -733,4 +706,4 @@ def test_metrics_count_no_job_and_no_decode_error(env: Env) -> None:
     assert samples[(UPSTREAM_UP, ())] == 1
     # Everything went through one tap, which saw it as Docker API traffic.
     assert requests[("GET", "container")] > 0
-    assert not env.logs.find(r"Traceback|level=error"), "".join(env.logs.lines)
+    assert not env.logs.find(r"Traceback|level=error"), env.logs.text()
