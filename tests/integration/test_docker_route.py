@@ -28,6 +28,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks import build
+from benchmarks.procs import BENCH_SIDECAR_CONFIG
 
 from .docker_daemon import DockerDaemon, docker_daemon, ping
 from .docker_images import BuildContainer, start_build_container, step_runner_image
@@ -104,14 +105,6 @@ def tap_of(process: ServeProcess) -> Tap:
     return Tap(process.process, str(process.socket_path), f"http://{process.web}", process.log)
 
 
-# The mix's `deadline` job gives Status a 50 ms deadline. The tap times a call from when
-# it *reads* the request HEADERS, and a test machine loaded far beyond its cores can read
-# them tens of ms late while the client's timer runs: the reset then looks early, a
-# cancel. The tolerance is widened to just under that deadline (real Runner deadlines are
-# minutes; the default 20 ms is for them), as the benchmark's sidecar does.
-DEADLINE_TOLERANCE = "observer: {deadline_tolerance: 45ms}\n"
-
-
 @dataclass
 class Env:
     daemon: DockerDaemon
@@ -123,7 +116,9 @@ class Env:
 def env() -> Iterator[Env]:
     with docker_daemon() as daemon:
         image = step_runner_image(daemon)
-        config = "shutdown: {grace_period: 5s, final_scrape_wait: 0s}\n" + DEADLINE_TOLERANCE
+        # The mix's 50 ms `deadline` job needs the benchmark sidecar's wider deadline
+        # tolerance (BENCH_SIDECAR_CONFIG says why): one setting for both.
+        config = "shutdown: {grace_period: 5s, final_scrape_wait: 0s}\n" + BENCH_SIDECAR_CONFIG
         with docker_tap_process(daemon.host, config) as process:
             yield Env(daemon, image, tap_of(process))
 
