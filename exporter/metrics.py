@@ -21,6 +21,7 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
 
+from . import native
 from .classifier import ALL_FAILURES, RESULTS, Outcome
 from .events import (
     DECODE_ERROR_MESSAGES,
@@ -133,7 +134,11 @@ GRPC_HANDLING = _metric(
     GRPC_LABELS,
     HANDLING_BUCKETS,
 )
-BUILD_INFO = _metric("step_runner_exporter_build_info", GAUGE, "The running build.", ("version",))
+# observer_core (exporter.native.OBSERVER_CORES): which observer decoded the traffic,
+# the compiled core or its pure-Python reference; SPEC section 4 names only `version`.
+BUILD_INFO = _metric(
+    "step_runner_exporter_build_info", GAUGE, "The running build.", ("version", "observer_core")
+)
 UPSTREAM_UP = _metric(
     "step_runner_exporter_upstream_up", GAUGE, "1 while step-runner is reachable, else 0."
 )
@@ -306,6 +311,7 @@ class Metrics:
         *,
         package: str | None = None,
         version: str = "unknown",
+        observer_core: str = native.NAME,
         hpack_memos: Sequence[MemoCounts] = (),
     ) -> None:
         self._families = {
@@ -330,7 +336,7 @@ class Metrics:
         self.docker_requests = self.counter(DOCKER_REQUESTS)
         self.docker_exec_sessions = self.counter(DOCKER_EXEC_SESSIONS)
 
-        self.build_info.labels(version).set(1)
+        self.build_info.labels(version, observer_core).set(1)
         # Every series a dashboard or alert reads exists at 0 from the start.
         self._results = {result: self.jobs.labels(result) for result in RESULTS}
         self._durations = {result: self.job_duration.labels(result) for result in RESULTS}

@@ -18,7 +18,9 @@ Decisions worth knowing:
   one budget, `max_connection_bytes`: a message that does not fit is skipped and
   counted (`grpc_frame`), a call that does not fit is not followed (`grpc_frame`), and
   framing that does not fit stops observation (`http2`). Forwarding never changes.
-- HPACK blocks are decoded by the `hpack` library, through a memo shared by the
+- Where the compiled core was built (exporter.native), its C frame walker and HPACK
+  decoder do the per-byte work; this module's logic is the same either way. Without
+  it, HPACK blocks are decoded by the `hpack` library, through a memo shared by the
   connections of the process (exporter.hpack_cache): GitLab Runner opens a
   connection per job, so the same blocks come again from the same table states, and
   the memo hands back exactly what the library decoded the first times.
@@ -39,7 +41,7 @@ from collections.abc import Callable, Iterable
 
 from hpack import Decoder, HPACKError
 
-from . import hpack_cache
+from . import hpack_cache, native
 from .events import UNKNOWN_METHOD, CallEnded, Code, JobStatus, Method, ObserverSink, normalize_code
 from .grpc_messages import (
     KEEP_ALL,
@@ -195,6 +197,7 @@ class ConnectionObserver:
         deadline_tolerance: float = 0.020,
         client_blocks: BlockCache | None = CLIENT_BLOCKS,
         server_blocks: BlockCache | None = SERVER_BLOCKS,
+        core: native.Core | None = native.CORE,
     ) -> None:
         self._sink = sink
         self._max_message = max_message_bytes
@@ -211,9 +214,10 @@ class ConnectionObserver:
         self._closed = False
         self._stopped_by: Exception | None = None
         # Each decoder reads the blocks one side's encoder wrote.
-        self._client_hpack, self._client_decode = _hpack_decoder(client_blocks)
-        self._server_hpack, self._server_decode = _hpack_decoder(server_blocks)
-        self._client = FrameReader(
+        self._client_hpack, self._client_decode = _hpack_decoder(client_blocks, core)
+        self._server_hpack, self._server_decode = _hpack_decoder(server_blocks, core)
+        reader = FrameReader if core is None else core.frame_reader
+        self._client = reader(
             preface=True,
             on_headers=self._request_headers,
             data_target=self._request_data,
@@ -223,7 +227,7 @@ class ConnectionObserver:
             on_push_promise=self._client_hpack_only,
             budget=budget,
         )
-        self._server = FrameReader(
+        self._server = reader(
             preface=False,
             on_headers=self._response_headers,
             data_target=self._response_data,
@@ -498,8 +502,14 @@ class ConnectionObserver:
 _Decode = Callable[[bytes], Iterable[tuple[bytes, bytes]]]
 
 
-def _hpack_decoder(memo: BlockCache | None) -> tuple[Decoder | CachedDecoder, _Decode]:
+def _hpack_decoder(
+    memo: BlockCache | None, core: native.Core | None
+) -> tuple[Decoder | CachedDecoder, _Decode]:
     """One direction's decoder (for its table allowance) and its decode(block)."""
+    if core is not None:
+        # Compiled, it decodes faster than the memo can look a block up.
+        compiled = core.decoder(max_header_list_size=MAX_HEADER_BLOCK)
+        return compiled, compiled.decode
     if memo is not None:
         decoder = CachedDecoder(memo)
         return decoder, decoder.decode

@@ -11,6 +11,7 @@ from exporter.events import (
     UNKNOWN_LABEL,
 )
 from exporter.metrics import DOCKER_ENDPOINTS, DOCKER_METHODS, EXEC_SESSION_STATES, MEMO_RESULTS
+from exporter.native import OBSERVER_CORES
 
 SERVICE = "proto.StepRunner"
 
@@ -28,4 +29,5 @@ ALLOWED: dict[str, frozenset[str]] = {
     "method": frozenset(DOCKER_METHODS),
     "endpoint": frozenset(DOCKER_ENDPOINTS),
     "state": frozenset(EXEC_SESSION_STATES),
+    "observer_core": frozenset(OBSERVER_CORES),
 }

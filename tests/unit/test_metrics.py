@@ -9,6 +9,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from exporter import classifier as c
 from exporter import metrics as metrics_module
+from exporter import native
 from exporter.app import Sidecar
 from exporter.config import parse_config
 from exporter.events import UNKNOWN_METHOD, CallEnded, Code, Method
@@ -84,7 +85,15 @@ def test_failure_combinations_exist_at_zero_from_start() -> None:
         registry.get_sample_value("grpc_server_handled_total", {**labels, "grpc_code": "Internal"})
         == 0
     )
-    assert registry.get_sample_value("step_runner_exporter_build_info", {"version": "1.2.3"}) == 1
+    build = {"version": "1.2.3", "observer_core": native.NAME}
+    assert registry.get_sample_value("step_runner_exporter_build_info", build) == 1
+
+
+def test_build_info_names_the_observer_core_given() -> None:
+    registry = CollectorRegistry()
+    Metrics(registry, version="1", observer_core=native.PURE)
+    build = {"version": "1", "observer_core": "python"}
+    assert registry.get_sample_value("step_runner_exporter_build_info", build) == 1
 
 
 def test_job_decided_counts_result_failure_and_duration() -> None:
