@@ -5,10 +5,20 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint unit integration bench bench-deps prometheus-bin docker-bin soak regen clean \
-  shared-check shared-copies
+.PHONY: demo test lint unit unit-pure integration bench bench-deps prometheus-bin docker-bin cc-bin \
+  soak regen clean shared-check shared-copies
 
-$(STAMP): pyproject.toml
+# The compiled observer core (setup.py: the exporter/*.c extensions) needs a C compiler
+# and Python's headers; without them the package installs and runs pure Python, so
+# this installs them first (Debian: gcc, python3-dev) where they are missing.
+CORE_SOURCES := $(wildcard exporter/*.c exporter/*.h)
+cc-bin:
+	@command -v cc >/dev/null && \
+	  [ -f "$$($(PYTHON) -c 'import sysconfig; print(sysconfig.get_paths()["include"])')/Python.h" ] || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq gcc python3-dev >/dev/null; }
+
+$(STAMP): pyproject.toml setup.py $(CORE_SOURCES) | cc-bin
 	@# Debian's system Python needs python3-venv (and pip's ensurepip) for this.
 	@$(PYTHON) -m venv $(VENV) 2>/dev/null || { rm -rf $(VENV); \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
@@ -58,11 +68,18 @@ lint: $(STAMP)
 unit: $(STAMP)
 	$(PY) -m pytest -q tests/unit
 
+# The unit suite again on the pure-Python observer (the compiled core's reference).
+unit-pure: $(STAMP)
+	STEP_RUNNER_EXPORTER_PURE_PYTHON=1 $(PY) -m pytest -q -p no:cacheprovider tests/unit
+
 integration: $(STAMP) prometheus-bin bench-deps docker-bin
 	$(PY) -m pytest -q tests/integration
 
+# Every test with the compiled observer core, then the unit suite (every observer
+# test) with the pure-Python one; the differential tests compare the two directly.
 test: $(STAMP) prometheus-bin bench-deps docker-bin lint shared-check
 	$(PY) -m pytest -q -p no:cacheprovider tests
+	STEP_RUNNER_EXPORTER_PURE_PYTHON=1 $(PY) -m pytest -q -p no:cacheprovider tests/unit
 
 # The tests read only the repository's own copies of the contract (docs/SPEC.md) and of
 # the recorded captures (tests/captures/), so a clone with nothing beside it runs every
@@ -91,4 +108,4 @@ regen: $(STAMP)
 	$(PY) -m exporter.proto.regenerate
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info exporter/*.so
