@@ -14,6 +14,7 @@ from typing import Any
 
 from exporter.events import CallEnded, Method
 from exporter.observer import ConnectionObserver
+from tests.unit.twin import TwinObserver
 
 # The repository's copy of the recorded corpus: a test that needs it fails when it is
 # missing, never skips, so a fresh clone runs exactly the tests CI runs.
@@ -91,7 +92,9 @@ class RecordingSink:
         ]
 
 
-def replay(records: Iterable[Record], observer: ConnectionObserver, sink: RecordingSink) -> None:
+def replay(
+    records: Iterable[Record], observer: ConnectionObserver | TwinObserver, sink: RecordingSink
+) -> None:
     for record in records:
         sink.now = record.time
         if record.direction == CLIENT:
@@ -122,8 +125,8 @@ def rechunked(records: list[Record], rng: random.Random, max_piece: int) -> Iter
             pos += size
 
 
-def observe(records: Iterable[Record], **options: Any) -> tuple[ConnectionObserver, RecordingSink]:
+def observe(records: Iterable[Record], **options: Any) -> tuple[TwinObserver, RecordingSink]:
     sink = RecordingSink()
-    observer = ConnectionObserver(sink, **options)
+    observer = TwinObserver(sink, **options)
     replay(records, observer, sink)
     return observer, sink

@@ -44,10 +44,11 @@ from exporter.events import (
 )
 from exporter.h2 import PREFACE
 from exporter.metrics import Metrics
-from exporter.observer import CALL_COST, PROTOCOL_ERRORS, ConnectionObserver
+from exporter.observer import CALL_COST, PROTOCOL_ERRORS
 from exporter.tracker import Decision, JobTracker
 from tests.labels import ALLOWED as SHARED_ALLOWED
 from tests.labels import SERVICE
+from tests.unit.twin import TwinObserver
 from tests.wire import frame, grpc_message, request_headers, varint
 
 METHODS = [Method(SERVICE, name, kind) for name, kind in STEP_RUNNER_METHODS.items()]
@@ -89,8 +90,8 @@ class World:
         self.accounting = _RecordingAccounting(self.metrics, upstream="u", decisions=self.decisions)
         self.initial = series(self.registry)
 
-    def observer(self, **options: int | float) -> ConnectionObserver:
-        return ConnectionObserver(self.accounting, package="proto", **options)  # type: ignore[arg-type]
+    def observer(self, **options: int | float) -> TwinObserver:
+        return TwinObserver(self.accounting, package="proto", **options)
 
     def value(self, name: str, **labels: str) -> float:
         value = self.registry.get_sample_value(name, labels)
@@ -180,7 +181,7 @@ RESPONSE_HEADERS = [(":status", "200"), ("content-type", "application/grpc")]
 class Conn:
     """Both ends of one connection as bytes, fed into an observer as they are written."""
 
-    def __init__(self, observer: ConnectionObserver) -> None:
+    def __init__(self, observer: TwinObserver) -> None:
         self.observer = observer
         self.client_hpack = hpack.Encoder()
         self.server_hpack = hpack.Encoder()
@@ -391,7 +392,7 @@ def test_arbitrary_bytes_from_either_side_never_raise(
 
 def _feed_arbitrary(
     chunks: list[tuple[bool, bytes]], with_preface: bool
-) -> tuple[World, ConnectionObserver]:
+) -> tuple[World, TwinObserver]:
     world = World()
     observer = world.observer()
     if with_preface:
@@ -405,7 +406,7 @@ def _feed_arbitrary(
     return world, observer
 
 
-def assert_nothing_swallowed(world: World, observer: ConnectionObserver) -> None:
+def assert_nothing_swallowed(world: World, observer: TwinObserver) -> None:
     """The observer never raises to its caller, by design: what shows a bug is what it
     swallowed. Only input it cannot follow may stop it, and only that is counted."""
     stopped_by = observer.stopped_by

@@ -24,6 +24,7 @@ from exporter.h2 import PREFACE
 from exporter.metrics import Metrics
 from exporter.observer import PROTOCOL_ERRORS, ConnectionObserver
 from exporter.proto import step_pb2
+from tests.unit.twin import TwinObserver
 from tests.wire import frame, grpc_message
 
 from .captures import RecordingSink
@@ -71,7 +72,7 @@ class Wire:
 
     def __init__(self, **options: Any) -> None:
         self.sink = RecordingSink()
-        self.observer = ConnectionObserver(self.sink, **options)
+        self.observer: TwinObserver | ConnectionObserver = TwinObserver(self.sink, **options)
         self.client_hpack = hpack.Encoder()
         self.server_hpack = hpack.Encoder()
         self.now = 100.0
