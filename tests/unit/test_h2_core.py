@@ -12,18 +12,29 @@ import struct
 import sys
 import weakref
 from collections.abc import Callable, Iterator, Sequence
+from random import Random
 from typing import Any
 
+import hpack
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from exporter import h2
+from exporter import h2, native
 from exporter.h2 import PREFACE, Budget, H2Error
 from tests.compiled import compiled_part
 from tests.wire import frame
 
-from .captures import CLIENT, SERVER, capture_files, load_manifest, read_h2cap
+from .captures import (
+    CLIENT,
+    SERVER,
+    RecordingSink,
+    capture_files,
+    load_manifest,
+    observe,
+    read_h2cap,
+    rechunked,
+)
 
 core = compiled_part("_h2_core")
 
@@ -217,6 +228,44 @@ def test_default_callbacks_and_budget() -> None:
     for _name, preface, data, pieces in DIRECTIONS:
         assert_same(pieces, preface=preface, defaults=True)
         assert_same(split(data, [7, 100, 1000]), preface=preface, defaults=True)
+
+
+class PlainDecoder:
+    """hpack.Decoder called as the observer calls its core's decoder, so that the
+    frame walker is the only part that differs between the two observers below."""
+
+    def __init__(self, max_header_list_size: int) -> None:
+        self._decoder = hpack.Decoder(max_header_list_size=max_header_list_size)
+
+    @property
+    def max_allowed_table_size(self) -> int:
+        return int(self._decoder.max_allowed_table_size)
+
+    @max_allowed_table_size.setter
+    def max_allowed_table_size(self, value: int) -> None:
+        self._decoder.max_allowed_table_size = value
+
+    def decode(self, block: bytes) -> list[tuple[bytes, bytes]]:
+        return [(bytes(n), bytes(v)) for n, v in self._decoder.decode(block, raw=True)]
+
+
+def sink_record(sink: RecordingSink) -> tuple[Any, ...]:
+    return sink.started, sink.ended, sink.decode_errors, sink.unknown
+
+
+@pytest.mark.parametrize("path", capture_files(), ids=lambda p: p.name)
+def test_the_observer_concludes_the_same_with_either_walker(path: Any) -> None:
+    """The whole observer (its bound methods as callbacks, its message assemblers as
+    DATA targets, its budget) gives the same events with the compiled walker."""
+    records = read_h2cap(path)
+    for limit, pieces in ((16 << 20, records), (3000, list(rechunked(records, Random(7), 300)))):
+        results = []
+        for reader in READERS:
+            core = native.Core(decoder=PlainDecoder, frame_reader=reader)
+            observer, sink = observe(pieces, core=core, max_connection_bytes=limit)
+            results.append((sink_record(sink), observer.failed, observer.held_bytes))
+        assert results[1] == results[0]
+        assert results[0][0][1], "every capture has calls"
 
 
 # -- generated frame streams ---------------------------------------------------------
