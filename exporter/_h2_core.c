@@ -37,28 +37,25 @@
 #define FLAG_PRIORITY 0x20
 #define BLOCK_FLAGS (FLAG_END_HEADERS | FLAG_PADDED | FLAG_PRIORITY)
 
-#define MAX_HEADER_BLOCK (16L << 20)
-#define GOAWAY_FIXED 8
-#define PREFACE "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-#define PREFACE_LEN 24
+/* exporter.h2's own constants, read at import so that they have one home. */
+static Py_ssize_t MAX_HEADER_BLOCK; /* h2.MAX_HEADER_BLOCK */
+static Py_ssize_t GOAWAY_FIXED;     /* h2._GOAWAY_FIXED */
+static char PREFACE[64];            /* h2.PREFACE */
+static int PREFACE_LEN;
 
 /* Walker states, as exporter.h2's. */
 #define S_HEAD 0
 #define S_BODY 1
 #define S_PASS 2
 
-/* exporter.h2._SHAPES: name, fixed length (-1: any), on a stream (1), on the
- * connection (0) or either (-1). */
-static const struct {
-    const char *name;
-    long size;
+/* exporter.h2._SHAPES by frame type, read at import: name (NULL: a type without a
+ * shape, ignored), fixed length (-1: any), on a stream (1), on the connection (0) or
+ * either (-1). */
+static struct {
+    PyObject *name;
+    Py_ssize_t size;
     int on_stream;
-} SHAPES[10] = {
-    {"DATA", -1, 1},        {"HEADERS", -1, 1},     {"PRIORITY", 5, 1},
-    {"RST_STREAM", 4, 1},   {"SETTINGS", -1, 0},    {"PUSH_PROMISE", -1, 1},
-    {"PING", 8, 0},         {"GOAWAY", -1, 0},      {"WINDOW_UPDATE", 4, -1},
-    {"CONTINUATION", -1, 1},
-};
+} SHAPES[256];
 
 static PyObject *H2Error;    /* exporter.h2.H2Error */
 static PyObject *BudgetType; /* exporter.h2.Budget */
@@ -274,21 +271,21 @@ free_buffers(Reader *self)
 static int
 check(int ftype, int flags, Py_ssize_t length, unsigned long stream)
 {
-    if (ftype > T_CONTINUATION)
+    PyObject *name = SHAPES[ftype].name;
+    if (name == NULL)
         return 0;
-    const char *name = SHAPES[ftype].name;
-    long size = SHAPES[ftype].size;
+    Py_ssize_t size = SHAPES[ftype].size;
     int on_stream = SHAPES[ftype].on_stream;
     if (size >= 0 && length != size) {
-        PyErr_Format(H2Error, "bad %s length %zd", name, length);
+        PyErr_Format(H2Error, "bad %U length %zd", name, length);
         return -1;
     }
     if (on_stream == 1 && !stream) {
-        PyErr_Format(H2Error, "%s on stream 0", name);
+        PyErr_Format(H2Error, "%U on stream 0", name);
         return -1;
     }
     if (on_stream == 0 && stream) {
-        PyErr_Format(H2Error, "%s on a stream", name);
+        PyErr_Format(H2Error, "%U on a stream", name);
         return -1;
     }
     if (ftype == T_SETTINGS && (length % 6 || ((flags & FLAG_ACK) && length))) {
@@ -300,6 +297,17 @@ check(int ftype, int flags, Py_ssize_t length, unsigned long stream)
         return -1;
     }
     return 0;
+}
+
+/* exporter.h2._SKIP_WHEN: PING and WINDOW_UPDATE frames of exactly their shape carry
+ * nothing the observer needs. */
+static inline int
+skipped(int ftype, Py_ssize_t length, unsigned long stream)
+{
+    if (ftype != T_PING && ftype != T_WINDOW_UPDATE)
+        return 0;
+    int on_stream = SHAPES[ftype].on_stream;
+    return length == SHAPES[ftype].size && (on_stream < 0 || on_stream == (stream != 0));
 }
 
 static int
@@ -791,9 +799,7 @@ walk(Reader *self, PyObject *whole, const unsigned char *mv, Py_ssize_t end)
             if (rc < 0)
                 goto error;
         }
-        else if ((ftype == T_PING && length == 8 && !stream) ||
-                 (ftype == T_WINDOW_UPDATE && length == 4)) {
-            /* exporter.h2._SKIP_WHEN: nothing the observer needs */
+        else if (skipped(ftype, length, stream)) {
         }
         else if (check(ftype, flags, length, stream) < 0 ||
                  frame(self, ftype, flags, stream, mv + body, length, whole, body) < 0) {
@@ -989,6 +995,77 @@ static struct PyModuleDef module = {
     .m_size = -1,
 };
 
+static Py_ssize_t
+read_size(PyObject *h2, const char *name)
+{
+    PyObject *value = PyObject_GetAttrString(h2, name);
+    if (value == NULL)
+        return -1;
+    Py_ssize_t size = PyLong_AsSsize_t(value);
+    Py_DECREF(value);
+    return size;
+}
+
+static int
+shape_error(const char *what)
+{
+    PyErr_Format(PyExc_ImportError, "exporter._h2_core cannot follow exporter.h2: %s", what);
+    return -1;
+}
+
+/* The constants of exporter.h2 this walker applies, or -1 with ImportError when they
+ * are not of a kind it knows (then the observer runs pure Python, all of it). */
+static int
+read_constants(PyObject *h2)
+{
+    MAX_HEADER_BLOCK = read_size(h2, "MAX_HEADER_BLOCK");
+    GOAWAY_FIXED = read_size(h2, "_GOAWAY_FIXED");
+    if (MAX_HEADER_BLOCK < 0 || GOAWAY_FIXED < 0)
+        return PyErr_Occurred() ? -1 : shape_error("a negative size");
+    PyObject *preface = PyObject_GetAttrString(h2, "PREFACE");
+    if (preface == NULL)
+        return -1;
+    if (!PyBytes_Check(preface) || PyBytes_GET_SIZE(preface) >= (Py_ssize_t)sizeof(PREFACE)) {
+        Py_DECREF(preface);
+        return shape_error("PREFACE");
+    }
+    PREFACE_LEN = (int)PyBytes_GET_SIZE(preface);
+    memcpy(PREFACE, PyBytes_AS_STRING(preface), (size_t)PREFACE_LEN);
+    Py_DECREF(preface);
+    PyObject *shapes = PyObject_GetAttrString(h2, "_SHAPES");
+    if (shapes == NULL)
+        return -1;
+    if (!PyDict_Check(shapes)) {
+        Py_DECREF(shapes);
+        return shape_error("_SHAPES");
+    }
+    Py_ssize_t i = 0;
+    PyObject *key, *value;
+    while (PyDict_Next(shapes, &i, &key, &value)) {
+        long ftype = PyLong_Check(key) ? PyLong_AsLong(key) : -1;
+        PyObject *name, *size, *on_stream;
+        if (ftype < 0 || ftype > 255 || !PyTuple_Check(value) || PyTuple_GET_SIZE(value) != 3 ||
+            !PyUnicode_Check(name = PyTuple_GET_ITEM(value, 0)) ||
+            !((size = PyTuple_GET_ITEM(value, 1)) == Py_None || PyLong_Check(size)) ||
+            !((on_stream = PyTuple_GET_ITEM(value, 2)) == Py_None || PyBool_Check(on_stream))) {
+            Py_DECREF(shapes);
+            PyErr_Clear();
+            return shape_error("_SHAPES");
+        }
+        SHAPES[ftype].size = size == Py_None ? -1 : PyLong_AsSsize_t(size);
+        if (SHAPES[ftype].size < -1 || PyErr_Occurred()) {
+            Py_DECREF(shapes);
+            PyErr_Clear();
+            return shape_error("_SHAPES");
+        }
+        SHAPES[ftype].on_stream = on_stream == Py_None ? -1 : on_stream == Py_True;
+        Py_INCREF(name);
+        Py_XSETREF(SHAPES[ftype].name, name);
+    }
+    Py_DECREF(shapes);
+    return 0;
+}
+
 PyMODINIT_FUNC
 PyInit__h2_core(void)
 {
@@ -997,8 +1074,9 @@ PyInit__h2_core(void)
         return NULL;
     H2Error = PyObject_GetAttrString(h2, "H2Error");
     BudgetType = PyObject_GetAttrString(h2, "Budget");
+    int rc = (H2Error == NULL || BudgetType == NULL) ? -1 : read_constants(h2);
     Py_DECREF(h2);
-    if (H2Error == NULL || BudgetType == NULL)
+    if (rc < 0)
         return NULL;
     str_take = PyUnicode_InternFromString("take");
     str_give = PyUnicode_InternFromString("give");
