@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.build import REPO, GoBinaries
+from exporter import native
 
 CLIENT_TIMEOUT_S = 900.0
 START_TIMEOUT_S = 30.0
@@ -136,8 +137,13 @@ def sidecar_command() -> list[str]:
 BENCH_SIDECAR_CONFIG = "observer:\n  deadline_tolerance: 45ms\n"
 
 
+# The sidecar on its pure-Python observer core, for comparison with the compiled one
+# (`sidecar`, which is whatever this checkout built: see its build_info).
+SIDECARS = ("sidecar", "sidecar-pure")
+
+
 def proxy_command(kind: str) -> list[str]:
-    if kind == "sidecar":
+    if kind in SIDECARS:
         return sidecar_command()
     if kind == "splice":
         return [sys.executable, "-m", "benchmarks.splice"]
@@ -172,14 +178,17 @@ def launch_proxy(
         f"--web.listen-address={web}",
         *extra,
     ]
-    if kind == "sidecar":
+    env = {k: v for k, v in os.environ.items() if k != native.PURE_ENV}
+    if kind in SIDECARS:
         config = workdir / f"{tag}.yml"
         config.write_text(BENCH_SIDECAR_CONFIG)
         cmd.append(f"--config.file={config}")
+        if kind == "sidecar-pure":
+            env[native.PURE_ENV] = "1"
     with log.open("wb") as out:
         started = time.monotonic()
         proc = subprocess.Popen(
-            cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
         )
     return Proxy(kind, proc, sock, web, log, started)
 

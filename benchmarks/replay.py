@@ -16,7 +16,8 @@ Workloads:
   client's do repeat from connection to connection (the live sidecar's memo hits
   about 90% of the blocks of `jobs_c16` in `benchmarks.run`).
 
-Each figure is the median of `--rounds` runs, measured with time.process_time.
+Each figure is the median of `--rounds` runs, measured with time.process_time, on the
+observer core this process runs (STEP_RUNNER_EXPORTER_PURE_PYTHON=1 forces pure Python).
 `--sink accounting` gives the observer the sidecar's own sink (Accounting with real
 Metrics, the job log line written as text to /dev/null) instead of one that drops the
 events: the whole per-job path but the sockets.
@@ -37,6 +38,7 @@ if not __package__:  # run as `python benchmarks/replay.py`
 
 import hpack
 
+from exporter import native
 from exporter.events import CallEnded, Method, ObserverSink
 from exporter.h2 import PREFACE
 from exporter.observer import ConnectionObserver
@@ -171,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.workload or WORKLOADS:
         sink = accounting_sink() if args.sink == "accounting" else NullSink()
         us, unit = measure(name, args.rounds, args.jobs, sink)
-        print(f"{name:16} {us:8.1f} us CPU per {unit}")
+        print(f"{name:16} {us:8.1f} us CPU per {unit} (observer core: {native.NAME})")
     return 0
 
 

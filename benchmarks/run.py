@@ -1,7 +1,7 @@
 """Benchmark the sidecar against the direct connection (issue 5).
 
     python -m benchmarks.run [--quick] [--only NAME[,NAME...]] [--json PATH]
-                             [--targets direct,sidecar[,splice]] [--rounds N]
+                             [--targets direct,sidecar[,sidecar-pure][,splice]] [--rounds N]
 
 Builds the Go step-runner stand-in and client (cached), starts them, the sidecar and
 any comparison proxy, runs every selected measurement interleaved across the targets,
@@ -37,7 +37,7 @@ if not __package__:  # run as `python benchmarks/run.py`
 from benchmarks import build, docker_route, measure, procs, report
 
 DEFAULT_JSON = build.REPO / "benchmarks" / "results" / "latest.json"
-PROXIES = ("sidecar", "splice")
+PROXIES = (*procs.SIDECARS, "splice")
 EXIT_NO_TOOLCHAIN = 3
 EXIT_NO_DOCKER = 4
 
@@ -60,8 +60,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--targets",
         default="direct,sidecar",
-        help="comma-separated: direct plus any of sidecar, splice (the plain byte splice "
-        "in benchmarks/splice.py, for comparison)",
+        help="comma-separated: direct plus any of sidecar, sidecar-pure (its pure-Python "
+        "observer core), splice (the plain byte splice in benchmarks/splice.py, for comparison)",
     )
     parser.add_argument("--rounds", type=int, help="interleaved rounds (default 3, quick 2)")
     return parser
