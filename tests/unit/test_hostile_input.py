@@ -27,7 +27,6 @@ from prometheus_client.openmetrics.exposition import generate_latest as generate
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_om
 from prometheus_client.parser import text_string_to_metric_families
 
-from exporter import h2
 from exporter.accounting import Accounting
 from exporter.classifier import (
     ALL_FAILURES,
@@ -44,7 +43,7 @@ from exporter.events import (
 )
 from exporter.h2 import PREFACE
 from exporter.metrics import Metrics
-from exporter.observer import CALL_COST, PROTOCOL_ERRORS
+from exporter.observer import CALL_COST, PROTOCOL_ERRORS, ConnectionObserver
 from exporter.tracker import Decision, JobTracker
 from tests.labels import ALLOWED as SHARED_ALLOWED
 from tests.labels import SERVICE
@@ -429,12 +428,13 @@ def test_a_swallowed_bug_fails_the_never_raise_check(monkeypatch: pytest.MonkeyP
     assert not observer.failed
 
     def bug(*_: object) -> None:
-        raise KeyError("a bug in the walker")
+        raise KeyError("a bug in the observer")
 
-    monkeypatch.setattr(h2, "_check", bug)
+    # In the logic both observer cores share: the frame walkers call back into it.
+    monkeypatch.setattr(ConnectionObserver, "_request_headers", bug)
     world, observer = _feed_arbitrary(VALID_CONVERSATION, False)
     assert observer.failed  # swallowed: the caller saw nothing
-    with pytest.raises(AssertionError, match="a bug in the walker"):
+    with pytest.raises(AssertionError, match="a bug in the observer"):
         assert_nothing_swallowed(world, observer)
 
 
