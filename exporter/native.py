@@ -4,7 +4,8 @@ The compiled core is two C extensions that setup.py builds where a compiler is:
 `exporter._hpack_core.Decoder`, the twin of `hpack.Decoder(...).decode(block,
 raw=True)` as the observer uses it, and `exporter._h2_core.FrameReader`, the twin of
 `exporter.h2.FrameReader`. The pure-Python modules stay the reference: the
-differential tests feed both the same input and require the same results and the
+differential tests (tests/unit/twin.py, test_core_differential.py, test_h2_core.py,
+test_hpack_core.py) feed both the same input and require the same results and the
 same call events, and `make test` runs the unit suite on each.
 
 It is all or nothing: a process runs the compiled core only when every part of it

@@ -335,10 +335,11 @@ def _sidecar_stats() -> list[g.Panel]:
         ),
         g.stat(
             "Sidecars by version",
-            "Running step-runner-exporter builds.",
+            "Running step-runner-exporter builds, and which observer core each runs "
+            "(c: compiled; python: the pure-Python fallback, several times the CPU per job).",
             g.query(
-                f"count by (version) (step_runner_exporter_build_info{{{SEL}}})",
-                "{{version}}",
+                f"count by (version, observer_core) (step_runner_exporter_build_info{{{SEL}}})",
+                "{{version}} {{observer_core}}",
                 instant=True,
             ),
             unit="short",
