@@ -54,12 +54,27 @@ class _JsonFormatter(logging.Formatter):
 # What goes unquoted: letters and digits (str.isalnum: what \w matches besides "_")
 # and "-_./:". Anything else is JSON-quoted.
 _PLAIN = re.compile(r"[\w\-./:]+")
+_plain = _PLAIN.fullmatch
+# What the job line's text values (results, reasons, method names) quote to: they come
+# from small sets, so each is checked once. Bounded, since ids are in there too.
+_QUOTED: dict[str, str] = {}
+_QUOTED_MAX = 1024
 
 
 def _quote(value: object) -> str:
-    text = "" if value is None else str(value)
+    if type(value) is str:
+        quoted = _QUOTED.get(value)
+        if quoted is None:
+            if len(_QUOTED) >= _QUOTED_MAX:
+                _QUOTED.clear()
+            quoted = _QUOTED[value] = _quote_text(value)
+        return quoted
+    return _quote_text("" if value is None else str(value))
+
+
+def _quote_text(text: str) -> str:
     # Job-controlled text (ids) must not be able to fake a second log line or field.
-    if _PLAIN.fullmatch(text):
+    if _plain(text):
         return text
     return json.dumps(text)
 

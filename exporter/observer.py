@@ -279,13 +279,19 @@ class ConnectionObserver:
         if self._closed:
             return
         self._closed = True
-        if self._failed:
-            return
-        self._now = now
         try:
-            self._end_all(lambda _stream: True, Code.UNAVAILABLE)
-        except Exception as exc:
-            self._fail(exc)
+            if self._failed:
+                return
+            self._now = now
+            try:
+                self._end_all(lambda _stream: True, Code.UNAVAILABLE)
+            except Exception as exc:
+                self._fail(exc)
+        finally:
+            # The readers hold this observer's bound methods: dropping them, now that
+            # nothing reads again, lets reference counting free the connection's
+            # observer at once, not the cyclic GC (about 20 us per job in jobs_c16).
+            del self._client, self._server
 
     def _fail(self, exc: Exception) -> None:
         if isinstance(exc, PROTOCOL_ERRORS):

@@ -79,10 +79,17 @@ class _Side(asyncio.Protocol):
         return self._pair.eof_from(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._pair.lost(self)
+        pair = self._pair
+        # The transport calls nothing after this and drops its protocol: unlinking the
+        # pair breaks the pair <-> side cycle, so reference counting frees the
+        # connection's objects at once instead of the cyclic GC, once per connection.
+        del self._pair
+        pair.lost(self)
 
 
 class _ClientSide(_Side):
+    __slots__ = ()
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement the interface without subclassing it.
         self.transport = cast(asyncio.Transport, transport)
@@ -93,6 +100,8 @@ class _ClientSide(_Side):
 
 
 class _UpstreamSide(_Side):
+    __slots__ = ()
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement the interface without subclassing it.
         self.transport = cast(asyncio.Transport, transport)
@@ -103,6 +112,22 @@ class _UpstreamSide(_Side):
 
 class _Pair:
     """One client connection and its upstream connection."""
+
+    __slots__ = (
+        "_client_eof_pending",
+        "_closed",
+        "_done",
+        "_eofs",
+        "_loop",
+        "_pending",
+        "_pending_full",
+        "_pending_size",
+        "_splice",
+        "_tap",
+        "_upstream_full",
+        "client",
+        "upstream",
+    )
 
     def __init__(self, splice: Splice) -> None:
         self._splice = splice
@@ -119,7 +144,18 @@ class _Pair:
         self._client_eof_pending = False
         self._eofs = 0
         self._closed = False
-        self.done = self._loop.create_future()
+        # Made only when someone waits for the end (drain): most connections never are.
+        self._done: asyncio.Future[None] | None = None
+
+    @property
+    def done(self) -> asyncio.Future[None]:
+        """Resolved once the pair is closed."""
+        done = self._done
+        if done is None:
+            done = self._done = self._loop.create_future()
+            if self._closed:
+                done.set_result(None)
+        return done
 
     # -- wiring
     @property
@@ -261,8 +297,9 @@ class _Pair:
         self._close_transport(self.client.transport, abort=abort)
         self._close_transport(self.upstream.transport, abort=abort)
         self._splice.connection_closed(self)
-        if not self.done.done():
-            self.done.set_result(None)
+        done = self._done
+        if done is not None and not done.done():
+            done.set_result(None)
 
     def _tap_lost(self) -> None:
         tap, self._tap = self._tap, None
@@ -362,13 +399,17 @@ class Splice:
         else:
             coro = self.loop.create_connection(factory, ep.host, ep.port)
         try:
-            transport, _ = await asyncio.wait_for(coro, self._connect_timeout)
+            # A timeout scope, not wait_for: wait_for runs the connect in a second task,
+            # one more task and future per connection.
+            async with asyncio.timeout(self._connect_timeout):
+                transport, _ = await coro
         except TimeoutError as exc:
             raise OSError(f"connecting to {ep} timed out") from exc
-        sock = transport.get_extra_info("socket")
-        if sock is not None and ep.path is None:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if ep.path is None:
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return transport
 
     async def probe_upstream(self) -> bool:

@@ -105,21 +105,24 @@ class JobTracker:
         return job
 
     def _observe(self, upstream: str, job_id: str, job: _Job, call: CallEnded) -> None:
-        observation: Observation | None = None
-        decided_by = f"{call.method.name}:{call.code}"
+        observation: Observation
+        decided_by = "Status"
         duration: float | None = None
-        if call.code != 0:
-            observation = CallFailed(call.code)
+        code = call.code
+        if code != 0:
+            observation = CallFailed(code)
+            decided_by = f"{call.method.name}:{code}"
         elif call.response_undecodable:
             observation = ResponseUndecodable()
+            decided_by = f"{call.method.name}:{code}"
         elif call.method.name == "Status":
             status = _own_status(job_id, call.statuses)
-            if status is not None:
-                observation = StatusSeen(status.state, status.error_kind)
-                decided_by = "Status"
-                duration = status.duration_seconds
-        if observation is None:
-            return
+            if status is None:
+                return
+            observation = StatusSeen(status.state, status.error_kind)
+            duration = status.duration_seconds
+        else:
+            return  # a successful call other than Status says nothing of the outcome
         outcome = classify(observation)
         if outcome is None:
             job.pending_running = True
