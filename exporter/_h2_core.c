@@ -940,6 +940,9 @@ Reader_traverse(Reader *self, visitproc visit, void *arg)
 static int
 Reader_clear(Reader *self)
 {
+    /* The budget first: feed refuses to walk without it, so a finalizer run by one of
+     * the clears below that fed this reader would not find it half cleared. */
+    Py_CLEAR(self->budget);
     Py_CLEAR(self->on_headers);
     Py_CLEAR(self->data_target);
     Py_CLEAR(self->on_data_end);
@@ -947,7 +950,6 @@ Reader_clear(Reader *self)
     Py_CLEAR(self->on_settings);
     Py_CLEAR(self->on_goaway);
     Py_CLEAR(self->on_push_promise);
-    Py_CLEAR(self->budget);
     Py_CLEAR(self->target);
     return 0;
 }

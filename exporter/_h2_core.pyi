@@ -1,9 +1,11 @@
 """The compiled twin of exporter.h2.FrameReader (exporter/_h2_core.c)."""
 
 from collections.abc import Callable
+from typing import final
 
 from .h2 import Budget, DataFeed
 
+@final
 class FrameReader:
     def __init__(
         self,

@@ -493,6 +493,26 @@ def test_feed_takes_bytes_like_objects_only() -> None:
     assert reader.held == 0
 
 
+def test_a_callback_cannot_feed_its_own_reader() -> None:
+    """Two walks interleaved on one reader would be nonsense (the Python reader has no
+    guard and gets it wrong); the compiled one refuses instead of corrupting itself."""
+    seen: list[BaseException] = []
+
+    def headers(_stream: int, _block: bytes, _end: bool) -> None:
+        try:
+            reader.feed(frame(PING, 0, 0, bytes(8)))
+        except RuntimeError as exc:
+            seen.append(exc)
+
+    reader = core.FrameReader(
+        preface=False, on_headers=headers, data_target=_noop, on_data_end=_noop
+    )
+    reader.feed(frame(HEADERS, END_HEADERS, 1, b"a") + frame(PING, 0, 0, bytes(8)))
+    assert len(seen) == 1
+    reader.feed(frame(HEADERS, END_HEADERS, 1, b"a"))  # still walking, from where it was
+    assert len(seen) == 2
+
+
 def test_a_reader_in_a_cycle_with_its_owner_is_collected() -> None:
     class Owner:
         def __init__(self) -> None:
