@@ -17,6 +17,7 @@ from typing import Any
 import hpack
 import pytest
 from hpack.hpack import encode_integer
+from hpack.huffman import HuffmanEncoder
 from hpack.huffman_constants import REQUEST_CODES, REQUEST_CODES_LENGTH
 from hpack.huffman_table import HUFFMAN_COMPLETE, HUFFMAN_EMIT_SYMBOL, HUFFMAN_FAIL, HUFFMAN_TABLE
 from hypothesis import HealthCheck, given, settings
@@ -134,7 +135,7 @@ _random_huffman = st.one_of(
     st.binary(max_size=126).map(lambda s: b"\x44" + bytes([0x80 | len(s)]) + s),
     st.binary(max_size=126).map(lambda s: b"\x10\x01n" + bytes([0x80 | len(s)]) + s),
 )
-_HUFFMAN = hpack.hpack.HuffmanEncoder(REQUEST_CODES, REQUEST_CODES_LENGTH)
+_HUFFMAN = HuffmanEncoder(REQUEST_CODES, REQUEST_CODES_LENGTH)
 # Valid Huffman strings made invalid at their end: padding of 8 bits or more, not all
 # ones, or cut.
 _bad_padding = st.builds(
