@@ -19,6 +19,10 @@
  *   bits. The machine is built at import from the code lengths of RFC 7541 (the
  *   generated _hpack_huffman.h); the tests prove it equal to hpack's table.
  *
+ * The limits (max_header_list_size, max_allowed_table_size, header_table_size) are
+ * 64-bit integers where hpack's are unbounded: a value past that raises OverflowError
+ * when set, which the observer never does (it caps them far below).
+ *
  * After an exception the decoder's state is unspecified (as hpack's is): the observer
  * stops observing the connection. The GIL is held throughout. Memory: the dynamic
  * table only. Entries are (name, value) tuples of bytes, shared with the results.

@@ -17,6 +17,7 @@ from typing import Any
 import hpack
 import pytest
 from hpack.hpack import encode_integer
+from hpack.huffman import HuffmanEncoder
 from hpack.huffman_constants import REQUEST_CODES, REQUEST_CODES_LENGTH
 from hpack.huffman_table import HUFFMAN_COMPLETE, HUFFMAN_EMIT_SYMBOL, HUFFMAN_FAIL, HUFFMAN_TABLE
 from hypothesis import HealthCheck, given, settings
@@ -134,7 +135,7 @@ _random_huffman = st.one_of(
     st.binary(max_size=126).map(lambda s: b"\x44" + bytes([0x80 | len(s)]) + s),
     st.binary(max_size=126).map(lambda s: b"\x10\x01n" + bytes([0x80 | len(s)]) + s),
 )
-_HUFFMAN = hpack.hpack.HuffmanEncoder(REQUEST_CODES, REQUEST_CODES_LENGTH)
+_HUFFMAN = HuffmanEncoder(REQUEST_CODES, REQUEST_CODES_LENGTH)
 # Valid Huffman strings made invalid at their end: padding of 8 bits or more, not all
 # ones, or cut.
 _bad_padding = st.builds(
@@ -182,13 +183,14 @@ _STEP = st.one_of(
         _HEADERS,
         st.booleans(),
         st.lists(st.integers(0, 1 << 16), max_size=3),
-        st.none() | st.integers(0, 1 << 16),
+        st.none() | st.integers(0, 1 << 16) | st.integers(-3, -1),
     ),
 )
 
 
-def _string(data: bytes) -> bytes:
-    return _varint(0x80, 7, len(data)) + data
+def _string(data: bytes, *, huffman: bool = True) -> bytes:
+    """A string literal of `data` (marked Huffman-coded or not, as it is)."""
+    return _varint(0x80 if huffman else 0x00, 7, len(data)) + data
 
 
 def _mangled(block: bytes, flips: list[int], cut: int | None) -> bytes:
@@ -197,13 +199,48 @@ def _mangled(block: bytes, flips: list[int], cut: int | None) -> bytes:
         if data:
             data[bit // 8 % len(data)] ^= 1 << (bit % 8)
     if cut is not None:
-        del data[cut % (len(data) + 1) :]
+        # Negative: that many bytes off the end (a string one byte short, say).
+        del data[cut if cut < 0 else cut % (len(data) + 1) :]
     return bytes(data)
+
+
+# Steps at the edges hpack's decoder draws, relative to the decoders' state: an entry
+# that fills the table to one byte short, exactly or one over; the last index of the
+# table and the first past it; a size update to the allowance or one over; the table
+# resized to its limit or its contents, one byte either way.
+_EDGE_STEP = st.one_of(
+    st.tuples(st.just("fill"), st.integers(-1, 1), st.integers(0, 100), st.booleans()),
+    st.tuples(st.just("edge_index"), st.integers(0, 1), st.booleans()),
+    st.tuples(st.just("edge_update"), st.integers(-1, 1), st.none() | st.integers(0, 5000)),
+    st.tuples(st.just("edge_resize"), st.booleans(), st.integers(-1, 1)),
+)
+
+
+def _edge_block(pair: Pair, kind: str, args: list[Any]) -> bytes | None:
+    """The block of an edge step (None: the step was a setting)."""
+    table = pair.ref.header_table
+    used = sum(32 + len(n) + len(v) for n, v in table.dynamic_entries)
+    if kind == "fill":
+        # What is left of the table, or all of it (the entry then evicts the others,
+        # or empties the table when it is larger).
+        room = max(0, table.maxsize - (0 if args[2] else used) + args[0] - 32)
+        name_length = min(args[1], room)
+        name, value = b"n" * name_length, b"v" * (room - name_length)
+        return b"\x40" + _string(name, huffman=False) + _string(value, huffman=False)
+    if kind == "edge_index":
+        index = 61 + len(table.dynamic_entries) + args[0]
+        return _varint(0x80, 7, index) if args[1] else _varint(0x40, 6, index) + b"\x00"
+    if kind == "edge_update":
+        # Each size update is checked, not only the last one.
+        update = _varint(0x20, 5, max(0, pair.ref.max_allowed_table_size + args[0]))
+        return update if args[1] is None else update + _varint(0x20, 5, args[1])
+    pair.set("header_table_size", (table.maxsize if args[0] else used) + args[1])
+    return None
 
 
 @settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    steps=st.lists(_STEP, max_size=20),
+    steps=st.lists(st.one_of(_STEP, _EDGE_STEP), max_size=20),
     max_header_list_size=st.sampled_from([200, 65536]),
 )
 def test_decodes_as_hpack_step_by_step(
@@ -212,6 +249,7 @@ def test_decodes_as_hpack_step_by_step(
     pair = Pair(core, max_header_list_size)
     encoder = hpack.Encoder()
     for kind, *args in steps:
+        block: bytes | None
         if kind == "encoder_size":
             encoder.header_table_size = args[0]
             continue
@@ -220,6 +258,8 @@ def test_decodes_as_hpack_step_by_step(
             continue
         if kind == "raw":
             block = args[0]
+        elif kind in ("fill", "edge_index", "edge_update", "edge_resize"):
+            block = _edge_block(pair, kind, args)
         else:
             block = bytes(encoder.encode(args[0], huffman=args[1]))
             if kind == "mangle":
@@ -232,8 +272,21 @@ def test_decodes_as_hpack_step_by_step(
                 pair.set(
                     "max_header_list_size", sum(32 + len(n) + len(v) for n, v in headers) + args[2]
                 )
-        if not isinstance(pair.decode(block), list):
+        if block is not None and not isinstance(pair.decode(block), list):
             return  # the observer stops at the first error, and so do we
+
+
+@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(warm_up=st.lists(_HEADERS, max_size=3), huffman=st.booleans(), block=_HOSTILE)
+def test_hostile_blocks_decode_as_hpack(
+    core: Any, warm_up: list[list[Any]], huffman: bool, block: bytes
+) -> None:
+    """A hostile block after a few valid ones (a table to index into)."""
+    pair = Pair(core)
+    encoder = hpack.Encoder()
+    for headers in warm_up:
+        assert isinstance(pair.decode(bytes(encoder.encode(headers, huffman=huffman))), list)
+    pair.decode(block)
 
 
 # -- captures ------------------------------------------------------------------------
@@ -285,10 +338,10 @@ def test_the_huffman_header_is_freshly_generated() -> None:
     assert _hpack_huffman.HEADER.read_text() == _hpack_huffman.render()
 
 
-def test_the_huffman_machine_is_hpacks() -> None:
+def test_the_huffman_machine_is_hpacks(core: Any) -> None:
     """A proof for every input: walked together from their start states, the two
     machines take the same steps (emit, fail, may end) on every nibble."""
-    mine = compiled_part("_hpack_core")._huffman_table()
+    mine = core._huffman_table()
     assert len(mine) == 256 * 16 * 3
     start = (0, 0)
     seen, todo = {start}, [start]
@@ -337,10 +390,12 @@ def test_defaults_and_attributes(core: Any) -> None:
         (b"\x7e\x01v", hpack.InvalidTableIndex),
         (b"\x82\x20", hpack.HPACKDecodingError),  # a size update after a header
         (b"\xff\x80\x80\x80\x80\x80", hpack.HPACKDecodingError),  # too long
+        (b"\xff\x80\x80\x80\x80\x80\x00", hpack.HPACKDecodingError),  # too long, ended
         (b"\xff\x80\x80\x80", hpack.HPACKDecodingError),  # truncated
         (b"\x3f\xff\xff\xff\xff\x01", hpack.InvalidTableSizeError),  # > 32 bits, too big
         (b"\x00\x05ab", hpack.HPACKDecodingError),  # a truncated name
         (b"\x00\x01a", hpack.HPACKDecodingError),  # no value
+        (b"\x00\x01a\x02b", hpack.HPACKDecodingError),  # a value one byte short
         (b"\x00\x81\xff\x00", hpack.HPACKDecodingError),  # Huffman: bad padding
         (b"\x00\x84\xff\xff\xff\xff\x00", hpack.HPACKDecodingError),  # Huffman: EOS
     ],
@@ -389,7 +444,13 @@ def test_the_table_size_setter_is_hpacks(core: Any) -> None:
         pair.decode(b"\x40\x01" + name + b"\x01v")
     pair.set("header_table_size", 2 * 34)  # the oldest goes
     assert pair.mine.dynamic_entries == ((b"c", b"v"), (b"b", b"v"))
+    pair.set("max_allowed_table_size", 9000)
     pair.set("header_table_size", 9000)
+    fill = 9000 - 2 * 34 - 32  # an entry that fills the table exactly
+    assert pair.decode(b"\x40\x00" + _varint(0, 7, fill) + b"v" * fill) == [(b"", b"v" * fill)]
+    assert len(pair.mine.dynamic_entries) == 3
+    pair.set("header_table_size", 9000 - 1)  # one byte less: the oldest goes
+    assert pair.mine.dynamic_entries == ((b"", b"v" * fill), (b"c", b"v"))
     pair.set("header_table_size", 0)
     assert pair.mine.dynamic_entries == ()
     pair.set("header_table_size", -3)
