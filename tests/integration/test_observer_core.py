@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import sysconfig
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -83,13 +84,16 @@ def test_installs_and_serves_pure_python_where_no_compiler_is(
     assert (site / "exporter" / "observer.py").is_file()
     assert not list(site.glob("exporter/*.so"))
 
-    # -P: nothing but PYTHONPATH puts the checkout's own (compiled) package on the path.
-    env["PYTHONPATH"] = str(site)
+    # Nothing but `site` may provide the package: -P keeps the working directory (this
+    # checkout, compiled) off the path and -S the editable install's import hook, which
+    # would find the checkout's compiled modules under the installed package. The
+    # dependencies come from this interpreter's site-packages, named directly.
+    env["PYTHONPATH"] = os.pathsep.join([str(site), sysconfig.get_paths()["purelib"]])
     main = "import sys; from exporter.cli import main; sys.exit(main())"
     with short_tmpdir() as directory:
         listen = f"unix://{directory}/sidecar.sock"
         argv = serve_argv("--upstream", step_runner.listen_address, "--listen", listen)
-        argv[:1] = [sys.executable, "-P", "-c", main]
+        argv[:1] = [sys.executable, "-P", "-S", "-c", main]
         with serve_process(argv, env=env) as sidecar:
             assert build_info(sidecar)["observer_core"] == "python"
             counts_jobs_right(sidecar)
