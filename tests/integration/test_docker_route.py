@@ -330,7 +330,10 @@ def test_build_container_killed_mid_job(env: Env) -> None:
     assert +delta.jobs == Counter(failed=n)
     assert +delta.failures == Counter({grpc_status("Unavailable"): n})
     assert +delta.handled == Counter({("Run", "OK"): n, ("FollowLogs", "Unavailable"): n})
-    assert +delta.sessions == Counter(tapped=n)
+    # grpc-go may redial once its connection died, and an exec started just before the
+    # kill is a session like any other: what the client started is what was tapped.
+    assert result["execs"] >= n
+    assert +delta.sessions == Counter(tapped=result["execs"])
     assert env.tap.proc.poll() is None
     assert ping(env.tap.socket)
 
