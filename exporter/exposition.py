@@ -106,6 +106,9 @@ class Exposition:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
+        # Bodies prometheus_client rendered whole: an encoder or a registry this module
+        # does not know.
+        self.generic_renders = 0
         self._lock = threading.Lock()
         self._families: dict[tuple[_Format, Any, tuple[tuple[str, str], ...]], _Family] = {}
 
@@ -123,6 +126,7 @@ class Exposition:
                     if fmt.openmetrics:
                         out.append(_EOF)
                     return b"".join(out)
+        self.generic_renders += 1
         return encoder(self.registry)
 
     def _registry(
