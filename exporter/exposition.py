@@ -54,6 +54,13 @@ class _UnsupportedError(Exception):
     """The registry is one for prometheus_client's own encoder."""
 
 
+def _expect(cut: bool) -> None:
+    """A rendering of prometheus_client's is not laid out as this module cuts it (another
+    version): it renders the whole body itself."""
+    if not cut:
+        raise _UnsupportedError
+
+
 class _Collected:
     """Given metrics, as the collector prometheus_client's encoders take."""
 
@@ -192,7 +199,9 @@ class _Family:
         if self.has_created and not fmt.openmetrics:
             created = self.name + "_created"
             body = fmt.render([self._one(created, {})])
-            self.created_header = body[len(self.header) : -len(self._line(created, {}))]
+            line = self._line(created, {})
+            _expect(body.startswith(self.header) and body.endswith(line))
+            self.created_header = body[len(self.header) : -len(line)]
         self.children: dict[tuple[str, ...], _Child] = {}
 
     def _one(self, name: str, labels: Labels, exemplar: Exemplar | None = None) -> Metric:
@@ -211,15 +220,17 @@ class _Family:
         """What a sample's line holds before its value."""
         line = self._line(name, labels)
         end = _PLACEHOLDER_TEXT + b"\n"
-        assert line.endswith(end), line
+        _expect(line.endswith(end))
         return line[: -len(end)]
 
     def exemplar(self, sample: int, exemplar: Exemplar) -> bytes:
         """What prometheus_client appends to the value of the layout's sample at this
         index when the sample carries this exemplar."""
         name = self.name + self.layout[sample][0]
-        without = self._line(name, {})
-        return self._line(name, {}, exemplar)[len(without) - 1 : -1]
+        without = self._line(name, {})[:-1]
+        line = self._line(name, {}, exemplar)
+        _expect(line.startswith(without))
+        return line[len(without) : -1]
 
     def render(self, out: list[bytes]) -> bool:
         """Appends the family's part of the body; False when prometheus_client must."""
