@@ -8,7 +8,7 @@ Hot-path updates go through children cached per label tuple, because
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
@@ -284,15 +284,19 @@ class StaticLabels(Collector):
     """
 
     def __init__(self, inner: CollectorRegistry, labels: Mapping[str, str]) -> None:
-        self._inner = inner
-        self._labels = dict(labels)
+        self.inner = inner
+        self.labels = dict(labels)
 
     def collect(self) -> Iterator[Metric]:
-        static = self._labels
-        for metric in self._inner.collect():
-            if static:
-                metric.samples = [s._replace(labels={**static, **s.labels}) for s in metric.samples]
-            yield metric
+        return add_labels(self.inner.collect(), self.labels)
+
+
+def add_labels(metrics: Iterable[Metric], labels: Mapping[str, str]) -> Iterator[Metric]:
+    """The metrics with `labels` added to each sample (a sample's own label wins)."""
+    for metric in metrics:
+        if labels:
+            metric.samples = [s._replace(labels={**labels, **s.labels}) for s in metric.samples]
+        yield metric
 
 
 def labelled_registry(inner: CollectorRegistry, labels: Mapping[str, str]) -> CollectorRegistry:

@@ -27,6 +27,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
 from .errors import StartError
+from .exposition import Exposition
 
 log = logging.getLogger("exporter.web")
 
@@ -57,6 +58,7 @@ class WebServer:
         headers: Mapping[str, str] | None = None,
     ) -> None:
         self.registry = registry
+        self.exposition = Exposition(registry)
         self.metrics_path = metrics_path
         self.ready = ready
         self.authorize = authorize
@@ -249,7 +251,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _metrics(self, web: WebServer) -> None:
         encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
-        body = encoder(web.registry)
+        body = web.exposition.render(encoder)
         extra = {}
         if "gzip" in self.headers.get("Accept-Encoding", ""):
             body = gzip.compress(body, compresslevel=1)
