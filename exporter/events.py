@@ -101,7 +101,9 @@ class JobStatus:
     duration_seconds: float | None  # end_time - start_time when both are set
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen, though read-only to every sink: a frozen dataclass sets each field with
+# object.__setattr__, which triples what building one costs, once per observed call.
+@dataclass(slots=True)
 class CallEnded:
     """One gRPC call (HTTP/2 stream) that has ended, as the client saw it end."""
 

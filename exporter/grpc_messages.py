@@ -90,13 +90,15 @@ class Messages:
         self.count = 0
         self._max = max_bytes
         self._on_message = on_message
-        self._hdr = bytearray()
+        self._hdr: bytearray | None = None  # a length prefix split over DATA frames
         self._left = -1  # body bytes still to come; -1 while reading a length prefix
-        self._length = 0
-        self._flag = 0
-        self._store: bytearray | None = None
-        self._peek = 0  # KEEP_LOG: bytes to look at before deciding to keep the message
-        self._oversize = False
+        # Set for each message that does not come whole in one piece, before any read:
+        # most do come whole, and the streams of a job are many.
+        self._length: int
+        self._flag: int
+        self._store: bytearray | None
+        self._peek: int  # KEEP_LOG: bytes to look at before deciding to keep the message
+        self._oversize: bool
 
     def feed(self, mv: memoryview) -> None:
         pos, end = 0, len(mv)
@@ -104,7 +106,7 @@ class Messages:
             left = self._left
             if left < 0:
                 hdr = self._hdr
-                if not hdr and end - pos >= 5:
+                if hdr is None and end - pos >= 5:
                     flag, length = _PREFIX.unpack_from(mv, pos)
                     pos += 5
                     stop = pos + length
@@ -128,12 +130,14 @@ class Messages:
                         self._store, self._peek, self._oversize = None, 0, False
                         return
                     continue
+                if hdr is None:
+                    hdr = self._hdr = bytearray()
                 take = min(5 - len(hdr), end - pos)
                 hdr += mv[pos : pos + take]
                 pos += take
                 if len(hdr) == 5:
+                    self._hdr = None
                     self._begin(hdr[0], int.from_bytes(hdr[1:5]))
-                    hdr.clear()
                 continue
             take = min(left, end - pos)
             store = self._store
@@ -267,19 +271,17 @@ def unwrap(
 def parse(cls: type[Message], payload: bytes, sink: ObserverSink) -> Message | None:
     """The decoded message, or None (counted) when it does not decode as `cls`;
     unknown fields are counted as schema drift."""
-    message = cls()
-    name = cls.DESCRIPTOR.name
     try:
-        message.ParseFromString(payload)
+        message = cls.FromString(payload)
     except Exception:
-        sink.decode_error(name)
+        sink.decode_error(cls.DESCRIPTOR.name)
         return None
     if payload:
         size = message.ByteSize()
         # Recursive: drops unknown fields of nested messages too.
         message.DiscardUnknownFields()
         if message.ByteSize() != size:
-            sink.unknown_fields(name)
+            sink.unknown_fields(cls.DESCRIPTOR.name)
     return message
 
 

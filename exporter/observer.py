@@ -42,7 +42,16 @@ from collections.abc import Callable, Iterable
 from hpack import Decoder, HPACKError
 
 from . import hpack_cache, native
-from .events import UNKNOWN_METHOD, CallEnded, Code, JobStatus, Method, ObserverSink, normalize_code
+from .events import (
+    GO_CODE_NAMES,
+    UNKNOWN_METHOD,
+    CallEnded,
+    Code,
+    JobStatus,
+    Method,
+    ObserverSink,
+    normalize_code,
+)
 from .grpc_messages import (
     KEEP_ALL,
     KEEP_LOG,
@@ -179,6 +188,8 @@ class ConnectionObserver:
         "_methods",
         "_now",
         "_package",
+        "_request_feeds",
+        "_response_feeds",
         "_server",
         "_server_decode",
         "_server_hpack",
@@ -206,6 +217,8 @@ class ConnectionObserver:
         self._package = package
         self._methods = method_lookup(package)
         self._calls: dict[int, _Call] = {}
+        self._request_feeds: dict[int, DataFeed] = {}
+        self._response_feeds: dict[int, DataFeed] = {}
         self._last_client_stream = 0
         # The lowest last_stream_id of the server's GOAWAYs (it may only go down).
         self._goaway_last: int | None = None
@@ -220,7 +233,7 @@ class ConnectionObserver:
         self._client = reader(
             preface=True,
             on_headers=self._request_headers,
-            data_target=self._request_data,
+            data_target=self._request_feeds.get,
             on_data_end=_ignore_stream,
             on_rst_stream=self._client_reset,
             on_settings=self._client_settings,
@@ -230,7 +243,7 @@ class ConnectionObserver:
         self._server = reader(
             preface=False,
             on_headers=self._response_headers,
-            data_target=self._response_data,
+            data_target=self._response_feeds.get,
             on_data_end=self._response_data_end,
             on_rst_stream=self._server_reset,
             on_settings=self._server_settings,
@@ -304,6 +317,8 @@ class ConnectionObserver:
             call.req.release()
             call.resp.release()
         self._calls.clear()
+        self._request_feeds.clear()
+        self._response_feeds.clear()
         try:
             self._sink.decode_error("http2")
         except Exception:
@@ -317,14 +332,11 @@ class ConnectionObserver:
         if stream_id <= self._last_client_stream or not stream_id & 1:
             return
         self._last_client_stream = stream_id
-        path = timeout = encoding = None
-        for name, value in headers:
-            if name == b":path":
-                path = value
-            elif name == b"grpc-timeout":
-                timeout = value
-            elif name == b"grpc-encoding":
-                encoding = value
+        # One dict, built in C, instead of comparing every name in Python; the last of
+        # a repeated name counts, as before.
+        fields = dict(headers)
+        path = fields.get(b":path")
+        timeout = fields.get(b"grpc-timeout")
         if path is None:
             method = UNKNOWN_METHOD
         else:
@@ -341,25 +353,25 @@ class ConnectionObserver:
             self._sink.decode_error("grpc_frame")  # not followed: over the budget
             return
         budget.left -= CALL_COST
-        rpc = RPCS[method.name] if method.known else None
+        rpc = RPCS.get(method.name)  # None when not a StepRunner method
         call = _Call(method, rpc, self._now)
         if timeout is not None:
             seconds = _parse_timeout(timeout)
             if seconds is not None:
                 call.deadline = self._now + seconds
-        call.req_encoding = encoding
+        call.req_encoding = fields.get(b"grpc-encoding")
         max_bytes = self._max_message
         keep = KEEP_ALL if rpc else KEEP_NONE
-        call.req = Messages(keep, max_bytes, stream_id, self._request_message, budget)
+        call.req = req = Messages(keep, max_bytes, stream_id, self._request_message, budget)
         if method.name == "FollowLogs":
             keep = KEEP_LOG
-        call.resp = Messages(keep, max_bytes, stream_id, self._response_message, budget)
+        call.resp = resp = Messages(keep, max_bytes, stream_id, self._response_message, budget)
         self._calls[stream_id] = call
+        # The frame readers look a stream's DATA target up in these (in C, no Python
+        # call per DATA frame); they hold what _calls holds.
+        self._request_feeds[stream_id] = req.feed
+        self._response_feeds[stream_id] = resp.feed
         self._sink.call_started(method)
-
-    def _request_data(self, stream_id: int) -> DataFeed | None:
-        call = self._calls.get(stream_id)
-        return call.req.feed if call is not None else None
 
     def _client_reset(self, stream_id: int, _error_code: int) -> None:
         call = self._calls.get(stream_id)
@@ -398,30 +410,28 @@ class ConnectionObserver:
         call = self._calls.get(stream_id)
         if call is None:
             return
-        first = not call.responded
-        call.responded = True
-        grpc_status = http_status = content_type = None
-        for name, value in headers:
-            if name == b"grpc-status":
-                grpc_status = value
-            elif name == b":status":
-                http_status = value
-            elif name == b"content-type":
-                content_type = value
-            elif first and name == b"grpc-encoding":
-                call.resp_encoding = value
-        code = _response_code(http_status, content_type) if first else None
-        if code is None and grpc_status is not None and not _valid_grpc_status(grpc_status):
-            code = Code.INTERNAL  # grpc-go: "malformed grpc-status", even before END_STREAM
+        fields = dict(headers)  # the last of a repeated name counts
+        code = None
+        if not call.responded:
+            call.responded = True
+            encoding = fields.get(b"grpc-encoding")
+            if encoding is not None:
+                call.resp_encoding = encoding
+            http_status = fields.get(b":status")
+            content_type = fields.get(b"content-type")
+            if http_status != b"200" or content_type != b"application/grpc":
+                code = _response_code(http_status, content_type)
+        grpc_status = fields.get(b"grpc-status")
+        if code is None and grpc_status is not None:
+            status = _grpc_status_code(grpc_status)
+            if status is None:
+                code = Code.INTERNAL  # grpc-go: "malformed grpc-status", even before END_STREAM
+            elif end_stream:
+                code = status
         if code is None and end_stream:
-            # grpc-go's default when the trailers carry no grpc-status is UNKNOWN.
-            code = normalize_code(int(grpc_status)) if grpc_status else Code.UNKNOWN
+            code = Code.UNKNOWN  # grpc-go's default when the trailers carry no grpc-status
         if code is not None:
             self._end(stream_id, call, code)
-
-    def _response_data(self, stream_id: int) -> DataFeed | None:
-        call = self._calls.get(stream_id)
-        return call.resp.feed if call is not None else None
 
     def _response_data_end(self, stream_id: int) -> None:
         call = self._calls.get(stream_id)
@@ -483,6 +493,8 @@ class ConnectionObserver:
 
     def _end(self, stream_id: int, call: _Call, code: int, *, refused: bool = False) -> None:
         del self._calls[stream_id]
+        del self._request_feeds[stream_id]
+        del self._response_feeds[stream_id]
         call.req.release()
         call.resp.release()
         self._budget.left += CALL_COST
@@ -589,6 +601,15 @@ def _is_grpc_content_type(value: bytes) -> bool:
     )
 
 
-def _valid_grpc_status(value: bytes) -> bool:
-    # grpc-go parses it as a 32-bit integer; a longer digit string does not parse.
-    return value.isdigit() and len(value) <= 10 and int(value) < 1 << 31
+# grpc-status as servers write it: looked up, not parsed, on every call's trailers.
+_GRPC_STATUS_CODES: dict[bytes, int] = {b"%d" % code: int(code) for code in GO_CODE_NAMES}
+
+
+def _grpc_status_code(value: bytes) -> int | None:
+    """The code a grpc-go client reports for this grpc-status, or None when it is
+    malformed: grpc-go parses it as a 32-bit integer (a longer digit string does not
+    parse) and reports a number it does not know as UNKNOWN."""
+    code = _GRPC_STATUS_CODES.get(value)
+    if code is None and value.isdigit() and len(value) <= 10 and int(value) < 1 << 31:
+        code = normalize_code(int(value))
+    return code
