@@ -297,7 +297,8 @@ class ConnectionObserver:
                 return
             self._now = now
             try:
-                self._end_all(lambda _stream: True, Code.UNAVAILABLE)
+                if self._calls:  # most connections end with none open
+                    self._end_all(lambda _stream: True, Code.UNAVAILABLE)
             except Exception as exc:
                 self._fail(exc)
         finally:
@@ -410,18 +411,23 @@ class ConnectionObserver:
         call = self._calls.get(stream_id)
         if call is None:
             return
-        fields = dict(headers)  # the last of a repeated name counts
+        first = not call.responded
+        call.responded = True
+        grpc_status = http_status = content_type = None
+        # A loop, not a dict as for requests: response blocks have two or three fields.
+        for name, value in headers:
+            if name == b"grpc-status":
+                grpc_status = value
+            elif name == b":status":
+                http_status = value
+            elif name == b"content-type":
+                content_type = value
+            elif first and name == b"grpc-encoding":
+                call.resp_encoding = value
         code = None
-        if not call.responded:
-            call.responded = True
-            encoding = fields.get(b"grpc-encoding")
-            if encoding is not None:
-                call.resp_encoding = encoding
-            http_status = fields.get(b":status")
-            content_type = fields.get(b"content-type")
-            if http_status != b"200" or content_type != b"application/grpc":
-                code = _response_code(http_status, content_type)
-        grpc_status = fields.get(b"grpc-status")
+        # The usual gRPC response needs no look at the other spellings.
+        if first and (http_status != b"200" or content_type != b"application/grpc"):
+            code = _response_code(http_status, content_type)
         if code is None and grpc_status is not None:
             status = _grpc_status_code(grpc_status)
             if status is None:

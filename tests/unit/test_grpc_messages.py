@@ -9,6 +9,7 @@ from google.protobuf.message import DecodeError, Message
 from hypothesis import given
 from hypothesis import strategies as st
 
+from exporter.events import CallEnded, Method
 from exporter.grpc_messages import _FLAT, RPCS, parse
 from exporter.proto import step_pb2
 
@@ -19,6 +20,12 @@ class Counts:
     def __init__(self) -> None:
         self.decode_errors: Counter[str] = Counter()
         self.unknown: Counter[str] = Counter()
+
+    def call_started(self, method: Method) -> None:
+        raise AssertionError("parse reports no calls")
+
+    def call_ended(self, call: CallEnded) -> None:
+        raise AssertionError("parse reports no calls")
 
     def decode_error(self, message: str) -> None:
         self.decode_errors[message] += 1
