@@ -323,7 +323,7 @@ def _decompress(data: bytes, wbits: int, limit: int) -> bytes | None:
 
 
 def job_statuses(response: step_pb2.StatusResponse) -> tuple[JobStatus, ...]:
-    return tuple(_job_status(status) for status in response.jobs)
+    return tuple(map(_job_status, response.jobs))
 
 
 def _job_status(status: step_pb2.Status) -> JobStatus:

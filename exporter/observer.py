@@ -486,6 +486,10 @@ class ConnectionObserver:
         if payload is None:
             call.undecodable = call.undecodable or client_fails
             return
+        if not payload and rpc.response is not step_pb2.StatusResponse:
+            # Run's, Close's and Cancel's usual answer: an empty message decodes as any
+            # type and carries nothing; only a StatusResponse's says something (no jobs).
+            return
         message = parse(rpc.response, payload, self._sink)
         if message is None:
             call.undecodable = True
