@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from exporter import demo
 from exporter.app import Sidecar
@@ -164,6 +165,21 @@ def http_get(url: str, accept: str = "") -> tuple[int, str, bytes]:
             return response.status, response.headers.get("Content-Type", ""), response.read()
     except urllib.error.HTTPError as err:
         return err.code, err.headers.get("Content-Type", ""), err.read()
+
+
+def families(process: ServeProcess) -> dict[str, Any]:
+    """The metric families a `serve` process exports now, by name."""
+    body = http_get(process.url())[2].decode()
+    return {f.name: f for f in text_string_to_metric_families(body)}
+
+
+def jobs_exported(process: ServeProcess, **labels: str) -> dict[str, float]:
+    """step_runner_jobs_total by result, of the series that carry `labels`."""
+    return {
+        s.labels["result"]: s.value
+        for s in families(process)["step_runner_jobs"].samples
+        if s.name == "step_runner_jobs_total" and labels.items() <= s.labels.items()
+    }
 
 
 def sample(sidecar: Sidecar, name: str, **labels: str) -> float:

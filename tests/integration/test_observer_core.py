@@ -11,14 +11,20 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from exporter import native
 from exporter.simulator import SimulatedStepRunner, run_jobs
 from tests.compiled import compiled_part
 
 from .harness import run_async, short_tmpdir, wait_until
-from .sidecar import ServeProcess, http_get, running_sidecar_process, serve_argv, serve_process
+from .sidecar import (
+    ServeProcess,
+    families,
+    jobs_exported,
+    running_sidecar_process,
+    serve_argv,
+    serve_process,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -26,9 +32,7 @@ REPOSITORY = Path(__file__).resolve().parents[2]
 
 
 def build_info(sidecar: ServeProcess) -> dict[str, str]:
-    body = http_get(sidecar.url())[2].decode()
-    families = {f.name: f for f in text_string_to_metric_families(body)}
-    (sample,) = families["step_runner_exporter_build_info"].samples
+    (sample,) = families(sidecar)["step_runner_exporter_build_info"].samples
     return dict(sample.labels)
 
 
@@ -37,17 +41,8 @@ def counts_jobs_right(sidecar: ServeProcess) -> None:
     tally = run_async(run_jobs(sidecar.listen, 40, concurrency=4, seed=11), 60)
     assert tally.mismatches == []
 
-    def exported() -> dict[str, float]:
-        body = http_get(sidecar.url())[2].decode()
-        families = {f.name: f for f in text_string_to_metric_families(body)}
-        return {
-            s.labels["result"]: s.value
-            for s in families["step_runner_jobs"].samples
-            if s.name == "step_runner_jobs_total"
-        }
-
     want = {r: float(tally.results.get(r, 0)) for r in ("success", "failed", "cancelled")}
-    wait_until(lambda: exported() == want, what="counters equal to the tally")
+    wait_until(lambda: jobs_exported(sidecar) == want, what="counters equal to the tally")
 
 
 def test_serve_runs_the_compiled_core_and_says_so(sidecar_process: ServeProcess) -> None:

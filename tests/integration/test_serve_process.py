@@ -8,12 +8,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.simulator import run_jobs
 
 from .harness import run_async, short_tmpdir, wait_until
-from .sidecar import COMMAND, ServeProcess, http_get
+from .sidecar import COMMAND, ServeProcess, http_get, jobs_exported
 
 pytestmark = pytest.mark.integration
 
@@ -30,17 +29,11 @@ def test_serve_as_a_process_counts_jobs_and_stops_on_sigterm(
     tally = run_async(run_jobs(sidecar_process.listen, 60, concurrency=8, seed=3), 60)
     assert tally.mismatches == []
 
-    def exported() -> dict[str, float]:
-        body = http_get(sidecar_process.url())[2].decode()
-        families = {f.name: f for f in text_string_to_metric_families(body)}
-        return {
-            s.labels["result"]: s.value
-            for s in families["step_runner_jobs"].samples
-            if s.name == "step_runner_jobs_total" and s.labels["runner"] == "proc-test"
-        }
-
     want = {r: float(tally.results.get(r, 0)) for r in ("success", "failed", "cancelled")}
-    wait_until(lambda: exported() == want, what="counters equal to the tally")
+    wait_until(
+        lambda: jobs_exported(sidecar_process, runner="proc-test") == want,
+        what="counters equal to the tally",
+    )
     assert sidecar_process.log.find(r'msg="job classified" job_id=\S+ result=') is not None
 
     sidecar_process.terminate()

@@ -93,10 +93,14 @@ class RecordingSink:
 
 
 def replay(
-    records: Iterable[Record], observer: ConnectionObserver | TwinObserver, sink: RecordingSink
+    records: Iterable[Record],
+    observer: ConnectionObserver | TwinObserver,
+    sink: RecordingSink | None = None,
 ) -> None:
+    """Feed `records` to `observer`; `sink`, if given, learns each record's time."""
     for record in records:
-        sink.now = record.time
+        if sink is not None:
+            sink.now = record.time
         if record.direction == CLIENT:
             observer.client_data(record.data, record.time)
         elif record.direction == SERVER:

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from exporter.events import STEP_RUNNER_METHODS
 from exporter.h2 import PREFACE
 from exporter.proto import step_pb2
-from tests.unit.captures import CLIENT, SERVER, Record, capture_files, read_h2cap, rechunked
+from tests.unit.captures import CLIENT, SERVER, Record, capture_files, read_h2cap, rechunked, replay
 from tests.unit.twin import EventLog, TwinObserver, compiled_core
 from tests.wire import frame, grpc_message, request_headers
 
@@ -42,21 +42,11 @@ def twin(**options: Any) -> TwinObserver:
     return observer
 
 
-def feed(observer: TwinObserver, records: list[Record]) -> None:
-    for record in records:
-        if record.direction == CLIENT:
-            observer.client_data(record.data, record.time)
-        elif record.direction == SERVER:
-            observer.server_data(record.data, record.time)
-        else:
-            observer.connection_lost(record.time)
-
-
 @EXAMPLES
 @given(name=st.sampled_from(sorted(CAPTURED)), seed=st.integers(0, 2**32), piece=st.integers(1, 64))
 def test_every_capture_cut_anywhere(name: str, seed: int, piece: int) -> None:
     observer = twin()
-    feed(observer, list(rechunked(CAPTURED[name], random.Random(seed), piece)))
+    replay(rechunked(CAPTURED[name], random.Random(seed), piece), observer)
     observer.assert_same()
 
 
@@ -207,7 +197,7 @@ def connection(draw: st.DrawFn) -> list[Record]:
 )
 def test_generated_frame_streams(records: list[Record], limits: dict[str, int]) -> None:
     observer = twin(**limits)
-    feed(observer, records)
+    replay(records, observer)
     observer.assert_same()
 
 
