@@ -199,15 +199,23 @@ on_headers(Reader *self, unsigned long stream, PyObject *block, int end_stream)
     return rc;
 }
 
+/* budget.<method>(size): its result (a new reference), or NULL with an exception. */
+static PyObject *
+budget_call(Reader *self, PyObject *method, Py_ssize_t size)
+{
+    PyObject *n = PyLong_FromSsize_t(size);
+    if (n == NULL)
+        return NULL;
+    PyObject *res = PyObject_CallMethodOneArg(self->budget, method, n);
+    Py_DECREF(n);
+    return res;
+}
+
 /* budget.take(size): 1 taken, 0 refused, -1 an exception. */
 static int
 budget_take(Reader *self, Py_ssize_t size)
 {
-    PyObject *n = PyLong_FromSsize_t(size);
-    if (n == NULL)
-        return -1;
-    PyObject *res = PyObject_CallMethodOneArg(self->budget, str_take, n);
-    Py_DECREF(n);
+    PyObject *res = budget_call(self, str_take, size);
     if (res == NULL)
         return -1;
     int ok = PyObject_IsTrue(res);
@@ -218,11 +226,7 @@ budget_take(Reader *self, Py_ssize_t size)
 static int
 budget_give(Reader *self, Py_ssize_t size)
 {
-    PyObject *n = PyLong_FromSsize_t(size);
-    if (n == NULL)
-        return -1;
-    PyObject *res = PyObject_CallMethodOneArg(self->budget, str_give, n);
-    Py_DECREF(n);
+    PyObject *res = budget_call(self, str_give, size);
     if (res == NULL)
         return -1;
     Py_DECREF(res);
